@@ -1,0 +1,365 @@
+"""The built-in engine: a paged-KV PyTorch runner for the Llama family.
+
+    step(): schedule (admit prefills, reserve decode slots) → run (one forward) → postprocess
+            (append tokens, name full chunks, detokenize, stop checks, free finished)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lmdisagg.engine.base import EngineBase
+from lmdisagg.engine.block_manager import BlockManager
+from lmdisagg.engine.config import EngineConfig
+from lmdisagg.engine.model_runner import ModelRunner
+from lmdisagg.engine.request import RequestOutput, SamplingParams, Sequence, Status
+from lmdisagg.engine.scheduler import Scheduler
+from lmdisagg.errors import ContextLengthError, InvalidRequestError, LmdisaggError, OutOfBlocksError
+from lmdisagg.kv.keys import ChunkKey, KeyNamespace, chunk_keys
+from lmdisagg.kv.layout import KVLayout, torch_dtype
+from lmdisagg.models import resolve_model
+from lmdisagg.engine.loader import Tokenizer, fingerprint, load_model
+
+log = logging.getLogger(__name__)
+
+
+class ChunkNotFoundError(LmdisaggError):
+    """A chunk key asked for is not (or no longer) in this engine's cache."""
+
+    status = 404
+    type = "chunk_not_found"
+
+
+@dataclass
+class GenerationResult:
+    """A finished request, as ``Engine.generate`` returns it."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    finish_reason: str | None
+    ttft_s: float = 0.0  # add_request -> first token
+    e2e_s: float = 0.0   # add_request -> finished
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0            # prompt tokens of admitted requests
+    computed_prompt_tokens: int = 0   # of those, tokens actually run through the model
+    cached_prompt_tokens: int = 0     # of those, tokens served from the prefix cache
+    generated_tokens: int = 0
+    steps: int = 0
+    imported_chunks: int = 0
+    exported_chunks: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(EngineBase):
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        cfg = config or EngineConfig()
+        if overrides:
+            cfg = EngineConfig(**{**cfg.__dict__, **overrides})
+        self.config = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidRequestError("device 'cuda' asked for, but CUDA is not available on this machine")
+        dtype_name = cfg.resolved_dtype()
+        self.dtype = torch_dtype(dtype_name)
+        if cfg.chunk_tokens <= 0 or cfg.chunk_tokens & (cfg.chunk_tokens - 1):
+            raise InvalidRequestError(f"chunk_tokens must be a power of two, got {cfg.chunk_tokens}")
+
+        self.source = resolve_model(cfg.model)
+        self.model_config = mc = self.source.config
+        self.tokenizer = Tokenizer(self.source.path, mc) if self.source.path is not None else None
+        self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer else frozenset(mc.eos_token_ids))
+        self.model = load_model(self.source, self.device, self.dtype, cfg.seed)
+        self.fingerprint = fingerprint(self.source, cfg.seed)
+        self.layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, cfg.chunk_tokens, dtype_name)
+        self.namespace = KeyNamespace(self.fingerprint, dtype_name, KVLayout.VERSION)
+
+        self.max_model_len = cfg.max_model_len or min(mc.max_position_embeddings, 32768)
+        num_blocks = cfg.num_blocks or self._default_num_blocks()
+        min_blocks = -(-self.max_model_len // cfg.chunk_tokens)
+        if num_blocks < min_blocks:
+            raise InvalidRequestError(
+                f"{num_blocks} KV blocks of {cfg.chunk_tokens} tokens cannot hold one max_model_len="
+                f"{self.max_model_len} request (needs {min_blocks}); raise num_blocks/kv_cache_bytes "
+                f"or lower max_model_len")
+        self.blocks = BlockManager(num_blocks, cfg.chunk_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.chunk_tokens, self.dtype, self.device)
+        batched = cfg.max_num_batched_tokens or max(self.max_model_len, 8192)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, batched, self._seq_keys)
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self._arrival: dict[str, float] = {}
+        self._max_stop_len = 0
+
+    def _default_num_blocks(self) -> int:
+        budget = self.config.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:
+                budget = 2 << 30
+        return max(1, budget // self.layout.chunk_nbytes)
+
+    # --- keys ---------------------------------------------------------------------------------
+    def chunk_keys(self, token_ids: list[int]) -> list[ChunkKey]:
+        return chunk_keys(token_ids, self.config.chunk_tokens, self.namespace)
+
+    def _seq_keys(self, seq: Sequence) -> list[ChunkKey]:
+        """Keys of every full chunk of ``seq.token_ids``, extended incrementally."""
+        t = self.config.chunk_tokens
+        have = len(seq.chunk_keys)
+        full = len(seq) // t
+        if full > have:
+            parent = seq.chunk_keys[-1] if have else bytes(16)
+            seq.chunk_keys += chunk_keys(seq.token_ids[have * t:full * t], t, self.namespace, parent)
+        return seq.chunk_keys[:full]
+
+    # --- tokenization ---------------------------------------------------------------------------
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"model {self.config.model!r} has no tokenizer; pass token ids")
+        return self.tokenizer
+
+    def encode(self, prompt: str) -> list[int]:
+        return self._need_tokenizer().encode(prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self._need_tokenizer().apply_chat_template(messages)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer else ""
+
+    # --- requests -----------------------------------------------------------------------------
+    def validate(self, prompt_token_ids, params: SamplingParams) -> None:
+        """Raise a typed error for anything that cannot run; nothing is changed."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams")
+        params.validate()
+        if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ContextLengthError(
+                f"prompt has {n} tokens; this model's context is {self.max_model_len} tokens", param="prompt")
+        if n + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens", param="max_tokens")
+        need = -(-(n + params.max_tokens) // self.config.chunk_tokens)
+        if need > self.blocks.num_blocks:
+            raise OutOfBlocksError(f"request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            seq.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._max_stop_len = max([self._max_stop_len] + [len(s) for s in params.stop])
+        self.seqs[request_id] = seq
+        self._arrival[request_id] = time.perf_counter()
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        self._arrival.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def num_unfinished(self) -> int:
+        return len(self.seqs)
+
+    # --- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        prefills, decodes = self.scheduler.schedule()
+        if not prefills and not decodes:
+            return []
+        for seq in prefills:
+            computed = len(seq) - seq.num_computed_tokens
+            if len(seq.output_token_ids) == 0:  # not a preempted request coming back
+                self.stats.prompt_tokens += seq.num_prompt_tokens
+                self.stats.cached_prompt_tokens += seq.num_cached_tokens
+            self.stats.computed_prompt_tokens += computed
+        tokens = self.runner.run(prefills, decodes)
+        self.stats.steps += 1
+        return [self._postprocess(seq, tok) for seq, tok in zip(prefills + decodes, tokens)]
+
+    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.num_computed_tokens = len(seq)
+        seq.token_ids.append(token)
+        self.stats.generated_tokens += 1
+        self._register_full_chunks(seq)
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            seq.finish_reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            seq.finish_reason = "length"
+        delta = self._detokenize(seq)
+        finished = seq.finish_reason is not None
+        out = RequestOutput(seq.request_id, [token], delta, finished, seq.finish_reason,
+                            seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids))
+        if finished:
+            self.scheduler.remove(seq)
+            self.seqs.pop(seq.request_id, None)
+            self._arrival.pop(seq.request_id, None)
+        return out
+
+    def _register_full_chunks(self, seq: Sequence) -> None:
+        t = self.config.chunk_tokens
+        full = seq.num_computed_tokens // t
+        keys = self._seq_keys(seq)  # covers len(seq) // t >= full
+        for i in range(seq.num_registered, full):
+            self.blocks.register(seq.block_table[i], keys[i])
+        seq.num_registered = max(seq.num_registered, full)
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """New text since the last call; holds back a partial UTF-8 char and a possible stop prefix."""
+        if self.tokenizer is None:
+            return ""
+        ids = seq.output_token_ids
+        stop_ids = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.eos_token_ids))
+        if seq.finish_reason == "stop" and ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids)
+        finished = seq.finish_reason is not None
+        for s in seq.params.stop:
+            i = text.find(s)
+            if i != -1:
+                text = text[:i]
+                seq.finish_reason = "stop"
+                finished = True
+        if not finished:
+            if text.endswith("\ufffd"):
+                text = text[:-1]
+            hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+            if hold:
+                text = text[:max(len(text) - hold, seq.num_text_emitted)]
+        seq.text = text
+        delta = text[seq.num_text_emitted:]
+        seq.num_text_emitted = max(seq.num_text_emitted, len(text))
+        return delta
+
+    # --- KV chunk seam ------------------------------------------------------------------------
+    @property
+    def kv_buffer(self) -> torch.Tensor:
+        """The whole paged cache, ``[num_blocks, L, 2, T, H_kv, D]``; block b = chunk bytes at
+        offset ``b * layout.chunk_nbytes``. Transports register this once."""
+        return self.runner.kv
+
+    def cached_prefix(self, keys: list[ChunkKey]) -> int:
+        return self.blocks.lookup(keys)
+
+    def _block(self, key: ChunkKey) -> int:
+        bid = self.blocks.block_of(key)
+        if bid is None:
+            raise ChunkNotFoundError(f"chunk {key.hex()} is not cached on this engine")
+        return bid
+
+    def export_chunks(self, keys: list[ChunkKey]) -> list[torch.Tensor]:
+        out = [self.runner.kv[self._block(k)] for k in keys]  # views: [L, 2, T, H_kv, D]
+        self.stats.exported_chunks += len(out)
+        return out
+
+    def pin_chunks(self, keys: list[ChunkKey]) -> list[int]:
+        """Hold the blocks of ``keys`` (no eviction) until ``unpin_chunks``; returns block ids."""
+        ids = [self._block(k) for k in keys]
+        for b in ids:
+            self.blocks.acquire(b)
+        return ids
+
+    def unpin_chunks(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            self.blocks.release(b)
+
+    def reserve_chunks(self, keys: list[ChunkKey]) -> dict[ChunkKey, int]:
+        """Fresh blocks (held) for the keys not cached yet, to be filled by a transport."""
+        out: dict[ChunkKey, int] = {}
+        for k in keys:
+            if k in out or self.blocks.block_of(k) is not None:
+                continue
+            if not self.blocks.num_free:
+                self.release_reserved(out)
+                raise OutOfBlocksError(f"no free KV blocks to import {len(keys)} chunks")
+            out[k] = self.blocks.allocate()
+        return out
+
+    def commit_chunks(self, reserved: dict[ChunkKey, int]) -> None:
+        """The reserved blocks now hold their chunks: name them and let them go to the cache."""
+        for k, b in reserved.items():
+            self.blocks.register(b, k)
+            self.blocks.release(b)
+        self.stats.imported_chunks += len(reserved)
+
+    def release_reserved(self, reserved: dict[ChunkKey, int]) -> None:
+        for b in reserved.values():
+            self.blocks.release(b)
+
+    def import_chunks(self, keys: list[ChunkKey], payloads: list[torch.Tensor]) -> int:
+        if len(keys) != len(payloads):
+            raise InvalidRequestError("import_chunks: keys and payloads differ in length")
+        shape = self.layout.chunk_shape
+        for p in payloads:
+            if tuple(p.shape) != shape or p.dtype != self.dtype:
+                raise InvalidRequestError(f"chunk payload {tuple(p.shape)} {p.dtype} does not match the "
+                                          f"layout {shape} {self.dtype}")
+        reserved = self.reserve_chunks(keys)
+        with torch.inference_mode():
+            for k, p in zip(keys, payloads):
+                if k in reserved:
+                    self.runner.kv[reserved[k]].copy_(p, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.commit_chunks(reserved)
+        return len(reserved)
+
+    # --- convenience: the offline Python API -----------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | None = None, *, chat: bool = False) -> list[GenerationResult]:
+        """Run prompts to completion. Each prompt is text, token ids, or (with chat) a message list."""
+        params = params or SamplingParams()
+        single = isinstance(prompts, str) or not prompts or isinstance(prompts[0], int)
+        batch = [prompts] if single else list(prompts)
+        ids = []
+        for p in batch:
+            if chat:
+                ids.append(self.encode_chat(p if isinstance(p, list) else [{"role": "user", "content": p}]))
+            else:
+                ids.append(self.encode(p) if isinstance(p, str) else list(p))
+        rids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(batch))]
+        for rid, toks in zip(rids, ids):
+            self.add_request(rid, toks, params)
+        t0 = time.perf_counter()
+        results = {rid: GenerationResult(rid, "", [], len(t), 0, None) for rid, t in zip(rids, ids)}
+        while any(r.finish_reason is None for r in results.values()):
+            for out in self.step():
+                r = results.get(out.request_id)
+                if r is None:
+                    continue
+                if not r.token_ids:
+                    r.ttft_s = time.perf_counter() - t0
+                r.token_ids += out.new_token_ids
+                r.text += out.text_delta
+                r.cached_tokens = out.cached_tokens
+                if out.finished:
+                    r.finish_reason = out.finish_reason
+                    r.e2e_s = time.perf_counter() - t0
+        return [results[rid] for rid in rids]

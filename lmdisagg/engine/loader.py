@@ -1,0 +1,88 @@
+"""Load a resolved model: weights into ``LlamaModel``, its tokenizer, and its fingerprint."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+import xxhash
+
+from lmdisagg.engine.model import LlamaModel
+from lmdisagg.models.config import ModelConfig
+from lmdisagg.errors import InvalidRequestError, ModelCacheCorruptError
+from lmdisagg.models.registry import ModelSource
+
+
+def fingerprint(src: ModelSource, seed: int = 0) -> str:
+    """Identity of the weights, cheap to compute: part of every chunk key.
+
+    Fetched models: the manifest's digests. Other directories: config.json, and for each
+    safetensors file its size, header (tensor names, shapes, offsets) and first MiB of data.
+    Dummy weights: the shape name and seed."""
+    h = xxhash.xxh3_128()
+    if src.dummy is not None:
+        h.update(f"dummy|{src.name}|{seed}|{json.dumps(src.dummy.to_hf(), sort_keys=True)}".encode())
+        return h.hexdigest()
+    manifest = src.path / "lmdisagg-manifest.json"
+    if manifest.exists():
+        h.update(manifest.read_bytes())
+        return h.hexdigest()
+    h.update((src.path / "config.json").read_bytes())
+    for f in sorted(src.path.glob("*.safetensors")):
+        h.update(f"{f.name}|{f.stat().st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LlamaModel:
+    cfg = src.config
+    with torch.device(device):
+        model = LlamaModel(cfg)
+    model.to(dtype=dtype)
+    model.inv_freq = model.inv_freq.float()  # rotary frequencies stay fp32
+    if src.dummy is not None:
+        model.init_dummy(seed)
+        return model.eval()
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(src.path.glob("*.safetensors")):
+        try:
+            tensors.update(load_file(f, device="cpu"))
+        except (SafetensorError, OSError, struct.error, ValueError) as e:
+            raise ModelCacheCorruptError(f"cannot read weights {f}: {e}") from e
+    try:
+        model.load_hf_state_dict(tensors)
+    except (ValueError, RuntimeError) as e:
+        raise ModelCacheCorruptError(f"weights in {src.path} do not fit the config: {e}") from e
+    return model.eval()
+
+
+class Tokenizer:
+    """The model's own tokenizer and chat template (HF ``tokenizer.json``)."""
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        from transformers import AutoTokenizer
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # noqa: BLE001 - any parse failure means a damaged cache
+            raise ModelCacheCorruptError(f"cannot load tokenizer from {path}: {e}") from e
+        eos = set(cfg.eos_token_ids)
+        if self.hf.eos_token_id is not None:
+            eos.add(self.hf.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf(text)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not self.hf.chat_template:
+            raise InvalidRequestError("this model has no chat template; use a plain prompt")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,159 @@
+"""Llama-family decoder (Llama 2/3, Qwen2, SmolLM) over a paged KV cache.
+
+Weights are HF names, fused on load: q/k/v into one ``qkv`` matrix and gate/up into one
+``gate_up`` matrix (fewer, larger matmuls). The forward pass works on a flat batch of tokens
+(prefill and decode sequences concatenated) and returns the hidden state of every token; the
+runner picks the rows it needs logits for.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmdisagg.engine.attention import AttentionMetadata, paged_attention
+from lmdisagg.models.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    scaling = dict(cfg.rope_scaling)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":  # Llama 3.1 frequency-dependent scaling
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind:
+        raise ValueError(f"rope scaling {kind!r} is not supported")
+    return inv.float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # same op order as HF: normalize in fp32, cast back, then scale
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, H, D]; cos/sin: [N, 1, D] (HF's rotate_half convention)
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.cfg = cfg
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata):
+        # x: [N, hidden]
+        cfg = self.cfg
+        n = x.shape[0]
+        h = self.input_layernorm(x)
+        q, k, v = self.qkv(h).split(
+            [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim], -1)
+        q = apply_rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)     # [N, Hq, D]
+        k = apply_rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [N, Hkv, D]
+        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)                        # [N, Hkv, D]
+        o = paged_attention(q, k, v, kv_cache, self.layer, meta)            # [N, Hq * D]
+        x = x + self.o_proj(o)
+        gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, -1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        # positions: [N] -> cos, sin: [N, 1, D], computed in fp32 like HF
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [N] -> hidden: [N, hidden]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [B, hidden] -> [B, vocab] in fp32
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, w).float()
+
+    # --- weights -------------------------------------------------------------------------------
+    def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load HF-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...), fusing q/k/v
+        and gate/up. Raises ValueError naming any missing tensor."""
+        def take(name: str) -> torch.Tensor:
+            for prefix in ("model.", ""):
+                if prefix + name in tensors:
+                    return tensors[prefix + name]
+            raise ValueError(f"weight {name!r} is missing from the checkpoint")
+
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(take("embed_tokens.weight"))
+            self.norm.weight.copy_(take("norm.weight"))
+            if self.lm_head is not None:
+                self.lm_head.weight.copy_(tensors.get("lm_head.weight", take("embed_tokens.weight")))
+            for i, layer in enumerate(self.layers):
+                p = f"layers.{i}."
+                layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
+                layer.qkv.weight.copy_(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+                if layer.qkv.bias is not None:
+                    layer.qkv.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                layer.gate_up.weight.copy_(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+                layer.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+
+    def init_dummy(self, seed: int = 0) -> None:
+        """Random weights of realistic scale, for benchmarks that need shape, not meaning."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    p.fill_(1.0)
+                else:
+                    std = 1.0 / math.sqrt(p.shape[-1])
+                    if p.device.type == "cpu":
+                        p.copy_(torch.randn(p.shape, generator=g) * std)
+                    else:  # generate on device: an 8B model's weights are too big to build on the host
+                        gd = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
+                        p.normal_(0.0, std, generator=gd)

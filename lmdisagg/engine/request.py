@@ -1,0 +1,86 @@
+"""Requests as the engine sees them: sampling parameters, the live sequence, and step outputs."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from lmdisagg.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None           # seeds this request's own generator (reproducible sampling)
+    stop: tuple[str, ...] = ()        # stop strings; the matched text is not returned
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False          # keep going past EOS (benchmark clients)
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}",
+                                      param="max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequestError(f"temperature must be in [0, 2], got {self.temperature}", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop must be non-empty strings", param="stop")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine. Token ids are prompt + generated, in order."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)  # block ids, one per chunk of tokens
+    num_cached_tokens: int = 0        # prompt tokens found in the prefix cache at admission
+    num_computed_tokens: int = 0      # tokens whose KV is in the cache
+    text: str = ""                    # detokenized output so far (stop strings trimmed)
+    num_text_emitted: int = 0         # chars of ``text`` already returned
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    generator: torch.Generator | None = None
+    chunk_keys: list = field(default_factory=list)  # keys of full chunks of token_ids, computed lazily
+    num_registered: int = 0           # leading blocks already named by their chunk key
+
+    def __post_init__(self):
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (deltas since the previous output)."""
+
+    request_id: str
+    new_token_ids: list[int]          # tokens generated this step
+    text_delta: str                   # text those tokens completed (may lag a token for UTF-8)
+    finished: bool
+    finish_reason: str | None         # set when finished
+    prompt_tokens: int
+    cached_tokens: int                # prompt tokens served from the prefix cache
+    completion_tokens: int            # generated so far
