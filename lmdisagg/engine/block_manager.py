@@ -33,7 +33,10 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.by_key: dict[ChunkKey, int] = {}
-        self.on_evict = None  # optional callback(key) for KV events / tier demotion
+        # KV events for whoever drains them (workers: the router's index, the tiered store).
+        # Recorded only when ``record_events`` is set, so an engine nobody drains never grows.
+        self.record_events = False
+        self.events: list[tuple[str, ChunkKey]] = []  # ("stored" | "evicted", key), in order
 
     # --- queries ----------------------------------------------------------------------------
     @property
@@ -78,8 +81,8 @@ class BlockManager:
         b = self.blocks[block_id]
         if b.key is not None:
             del self.by_key[b.key]
-            if self.on_evict is not None:
-                self.on_evict(b.key)
+            if self.record_events:
+                self.events.append(("evicted", b.key))
             b.key = None
         b.ref_count = 1
         return block_id
@@ -92,6 +95,8 @@ class BlockManager:
             return
         b.key = key
         self.by_key[key] = block_id
+        if self.record_events:
+            self.events.append(("stored", key))
 
     # --- whole sequences ----------------------------------------------------------------------
     def acquire_prefix(self, keys: list[ChunkKey]) -> list[int]:

@@ -60,7 +60,9 @@ class EngineStats:
 
 
 class Engine(EngineBase):
-    def __init__(self, config: EngineConfig | None = None, **overrides):
+    def __init__(self, config: EngineConfig | None = None, *, kv_allocator=None, **overrides):
+        """``kv_allocator(shape, dtype, device) -> Tensor`` lets a transport own the cache memory
+        (e.g. POSIX shared memory); it must return a zeroed, contiguous tensor."""
         cfg = config or EngineConfig()
         if overrides:
             cfg = EngineConfig(**{**cfg.__dict__, **overrides})
@@ -91,7 +93,8 @@ class Engine(EngineBase):
                 f"{self.max_model_len} request (needs {min_blocks}); raise num_blocks/kv_cache_bytes "
                 f"or lower max_model_len")
         self.blocks = BlockManager(num_blocks, cfg.chunk_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.chunk_tokens, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.chunk_tokens, self.dtype, self.device,
+                                  kv_allocator)
         batched = cfg.max_num_batched_tokens or max(self.max_model_len, 8192)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, batched, self._seq_keys)
         self.seqs: dict[str, Sequence] = {}
@@ -260,6 +263,15 @@ class Engine(EngineBase):
         return delta
 
     # --- KV chunk seam ------------------------------------------------------------------------
+    def enable_kv_events(self, on: bool = True) -> None:
+        self.blocks.record_events = on
+
+    def drain_kv_events(self) -> list[tuple[str, ChunkKey]]:
+        """("stored" | "evicted", key) for every chunk named or evicted since the last drain, in
+        order. Recorded only after ``enable_kv_events()``."""
+        events, self.blocks.events = self.blocks.events, []
+        return events
+
     @property
     def kv_buffer(self) -> torch.Tensor:
         """The whole paged cache, ``[num_blocks, L, 2, T, H_kv, D]``; block b = chunk bytes at

@@ -30,14 +30,15 @@ def allocate_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, chunk_tokens: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, kv_allocator=None):
         cfg = model.cfg
         self.model = model
         self.device = device
         self.chunk_tokens = chunk_tokens
         # kv: [num_blocks, L, 2, T, H_kv, D]
         shape = (num_blocks, cfg.num_layers, 2, chunk_tokens, cfg.num_kv_heads, cfg.head_dim)
-        self.kv = allocate_kv(shape, dtype, device)
+        self.kv = (kv_allocator or allocate_kv)(shape, dtype, device)
+        assert tuple(self.kv.shape) == shape and self.kv.is_contiguous(), "kv_allocator broke the layout"
 
     def _tensor(self, data, dtype=torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

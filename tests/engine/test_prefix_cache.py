@@ -85,3 +85,22 @@ def test_keys_depend_on_model_dtype_and_position(engine):
     shifted = list(range(1, 17)) + ids[16:]
     assert chunk_keys(shifted, 16, ns)[1] != k[1]
     assert chunk_keys(ids[:40], 16, ns) == k[:2]
+
+
+def test_kv_events_report_stored_and_evicted():
+    e = Engine(model="smollm2-135m", num_blocks=8, max_model_len=1024)
+    e.enable_kv_events()
+    t = e.config.chunk_tokens
+    p1 = long_prompt(e, 3 * t + 5, seed=40)
+    e.generate(p1, SamplingParams(max_tokens=4, ignore_eos=True))
+    ev = e.drain_kv_events()
+    assert ev == [("stored", k) for k in e.chunk_keys(p1)]
+    assert e.drain_kv_events() == []
+    p2 = long_prompt(e, 3 * t + 5, seed=41)  # 8 blocks: p1's 4 + p2's 4 fit...
+    p3 = long_prompt(e, 3 * t + 5, seed=42)  # ... p3 must evict p1's cached chunks (LRU)
+    e.generate(p2, SamplingParams(max_tokens=4, ignore_eos=True))
+    e.generate(p3, SamplingParams(max_tokens=4, ignore_eos=True))
+    ev = e.drain_kv_events()
+    evicted = [k for kind, k in ev if kind == "evicted"]
+    assert set(evicted) == set(e.chunk_keys(p1))
+    assert e.cached_prefix(e.chunk_keys(p1)) == 0 and e.cached_prefix(e.chunk_keys(p3)) == 3
