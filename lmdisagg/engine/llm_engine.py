@@ -98,6 +98,7 @@ class Engine(EngineBase):
         batched = cfg.max_num_batched_tokens or max(self.max_model_len, 8192)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, batched, self._seq_keys)
         self.seqs: dict[str, Sequence] = {}
+        self.held: dict[str, Sequence] = {}  # prefill_only requests done, blocks kept for export
         self.stats = EngineStats()
         self._arrival: dict[str, float] = {}
         self._max_stop_len = 0
@@ -164,11 +165,16 @@ class Engine(EngineBase):
         if need > self.blocks.num_blocks:
             raise OutOfBlocksError(f"request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self.seqs:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    prefill_only: bool = False) -> None:
+        """Queue a request. With ``prefill_only`` it stops after its first token (unless that token
+        already finishes it) and its blocks stay held for export until ``release_held(id)``; its
+        output then has ``finished=True, finish_reason=None, prefill_done=True``."""
+        if request_id in self.seqs or request_id in self.held:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.prefill_only = prefill_only
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             seq.generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -178,6 +184,8 @@ class Engine(EngineBase):
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
+        if self.release_held(request_id):
+            return True
         seq = self.seqs.pop(request_id, None)
         self._arrival.pop(request_id, None)
         if seq is None:
@@ -219,10 +227,16 @@ class Engine(EngineBase):
             seq.finish_reason = "length"
         delta = self._detokenize(seq)
         finished = seq.finish_reason is not None
-        out = RequestOutput(seq.request_id, [token], delta, finished, seq.finish_reason,
-                            seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids))
+        prefill_done = seq.prefill_only and not finished
+        out = RequestOutput(seq.request_id, [token], delta, finished or prefill_done, seq.finish_reason,
+                            seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids),
+                            prefill_done=prefill_done)
         if finished:
             self.scheduler.remove(seq)
+        elif prefill_done:
+            self.scheduler.detach(seq)  # keeps its blocks
+            self.held[seq.request_id] = seq
+        if finished or prefill_done:
             self.seqs.pop(seq.request_id, None)
             self._arrival.pop(seq.request_id, None)
         return out
@@ -315,16 +329,97 @@ class Engine(EngineBase):
             out[k] = self.blocks.allocate()
         return out
 
-    def commit_chunks(self, reserved: dict[ChunkKey, int]) -> None:
-        """The reserved blocks now hold their chunks: name them and let them go to the cache."""
+    def commit_chunks(self, reserved: dict[ChunkKey, int], *, hold: bool = False) -> None:
+        """The reserved blocks now hold their chunks: name them, and (unless ``hold``) let them go
+        to the cache."""
         for k, b in reserved.items():
             self.blocks.register(b, k)
-            self.blocks.release(b)
+            if not hold:
+                self.blocks.release(b)
         self.stats.imported_chunks += len(reserved)
 
     def release_reserved(self, reserved: dict[ChunkKey, int]) -> None:
         for b in reserved.values():
             self.blocks.release(b)
+
+    def held_request(self, request_id: str) -> Sequence:
+        """A prefill_only request that finished its prefill; its ``block_table`` covers the prompt
+        (full chunks first, then the partial tail block if the prompt is not chunk-aligned)."""
+        seq = self.held.get(request_id)
+        if seq is None:
+            raise ChunkNotFoundError(f"request {request_id!r} holds no prefilled KV here")
+        return seq
+
+    def release_held(self, request_id: str) -> bool:
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.blocks.free_table(seq.block_table)
+        seq.status = Status.FINISHED
+        return True
+
+    def allocate_blocks(self, n: int) -> list[int]:
+        """``n`` anonymous blocks, held (e.g. a prompt's partial tail block to receive)."""
+        if self.blocks.num_free < n:
+            raise OutOfBlocksError(f"need {n} free KV blocks, {self.blocks.num_free} free")
+        return [self.blocks.allocate() for _ in range(n)]
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            self.blocks.release(b)
+
+    def claim_chunks(self, keys: list[ChunkKey]) -> tuple[list[int], dict[ChunkKey, int]]:
+        """Hold a block for every key, in order: the cached block where there is one, else a
+        fresh block. Returns (block_ids, to_fill): the fresh blocks a transport must fill before
+        ``commit_chunks(to_fill, hold=True)``. On any failure call ``free_blocks(block_ids)``."""
+        ids: list[int] = []
+        to_fill: dict[ChunkKey, int] = {}
+        try:
+            for k in keys:
+                bid = self.blocks.block_of(k)
+                if bid is not None:
+                    self.blocks.acquire(bid)
+                elif k in to_fill:
+                    bid = to_fill[k]
+                    self.blocks.acquire(bid)
+                else:
+                    if not self.blocks.num_free:
+                        raise OutOfBlocksError(f"no free KV blocks to receive {len(keys)} chunks")
+                    bid = to_fill[k] = self.blocks.allocate()
+                ids.append(bid)
+        except OutOfBlocksError:
+            self.free_blocks(ids)
+            raise
+        return ids, to_fill
+
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                              params: SamplingParams, block_ids: list[int], *, num_text_emitted: int = 0,
+                              generator_state: torch.Tensor | None = None) -> None:
+        """Continue a request prefilled elsewhere. ``block_ids`` hold the whole prompt's KV (held
+        by the caller; ownership passes to the engine); ``first_token`` was sampled by the
+        prefill side and already streamed, with ``num_text_emitted`` characters of text."""
+        t = self.config.chunk_tokens
+        if request_id in self.seqs or request_id in self.held:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        if len(block_ids) != -(-len(prompt_token_ids) // t):
+            raise InvalidRequestError(f"{len(block_ids)} blocks do not cover a {len(prompt_token_ids)}-token prompt")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.token_ids.append(first_token)
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        seq.num_cached_tokens = len(prompt_token_ids)
+        seq.num_registered = len(prompt_token_ids) // t
+        seq.num_text_emitted = num_text_emitted
+        if params.temperature > 0:
+            seq.generator = torch.Generator(device="cpu")
+            if generator_state is not None:
+                seq.generator.set_state(generator_state)
+            else:
+                seq.generator.manual_seed(params.seed if params.seed is not None else self.config.seed)
+        self.seqs[request_id] = seq
+        self._arrival[request_id] = time.perf_counter()
+        self.scheduler.add_running(seq)
 
     def import_chunks(self, keys: list[ChunkKey], payloads: list[torch.Tensor]) -> int:
         if len(keys) != len(payloads):

@@ -55,6 +55,7 @@ class Sequence:
     generator: torch.Generator | None = None
     chunk_keys: list = field(default_factory=list)  # keys of full chunks of token_ids, computed lazily
     num_registered: int = 0           # leading blocks already named by their chunk key
+    prefill_only: bool = False        # stop after the first token and hold the blocks for export
 
     def __post_init__(self):
         if not self.token_ids:
@@ -84,3 +85,4 @@ class RequestOutput:
     prompt_tokens: int
     cached_tokens: int                # prompt tokens served from the prefix cache
     completion_tokens: int            # generated so far
+    prefill_done: bool = False        # a prefill_only request finished its prefill (blocks held)

@@ -97,6 +97,17 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose prompt KV is already in its (held) blocks: goes straight to decode."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Stop scheduling ``seq`` but keep its blocks (prefill_only requests)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.status = Status.FINISHED
+
     def remove(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and release its blocks."""
         if seq in self.running:
