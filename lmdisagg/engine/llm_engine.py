@@ -393,23 +393,22 @@ class Engine(EngineBase):
         return ids, to_fill
 
     def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                              params: SamplingParams, block_ids: list[int], *, num_text_emitted: int = 0,
+                              params: SamplingParams, block_ids: list[int] | None, *, num_text_emitted: int = 0,
                               generator_state: torch.Tensor | None = None) -> None:
-        """Continue a request prefilled elsewhere. ``block_ids`` hold the whole prompt's KV (held
-        by the caller; ownership passes to the engine); ``first_token`` was sampled by the
-        prefill side and already streamed, with ``num_text_emitted`` characters of text."""
+        """Continue a request prefilled elsewhere: ``first_token`` was sampled by the prefill side
+        and already streamed, with ``num_text_emitted`` characters of text.
+
+        ``block_ids`` hold the whole prompt's KV (held by the caller; ownership passes to the
+        engine) and the request goes straight to decode. With ``block_ids=None`` (the transfer
+        failed) the engine computes prompt + first token itself, using its prefix cache."""
         t = self.config.chunk_tokens
         if request_id in self.seqs or request_id in self.held:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        if len(block_ids) != -(-len(prompt_token_ids) // t):
+        if block_ids is not None and len(block_ids) != -(-len(prompt_token_ids) // t):
             raise InvalidRequestError(f"{len(block_ids)} blocks do not cover a {len(prompt_token_ids)}-token prompt")
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
         seq.token_ids.append(first_token)
-        seq.block_table = list(block_ids)
-        seq.num_computed_tokens = len(prompt_token_ids)
-        seq.num_cached_tokens = len(prompt_token_ids)
-        seq.num_registered = len(prompt_token_ids) // t
         seq.num_text_emitted = num_text_emitted
         if params.temperature > 0:
             seq.generator = torch.Generator(device="cpu")
@@ -419,6 +418,12 @@ class Engine(EngineBase):
                 seq.generator.manual_seed(params.seed if params.seed is not None else self.config.seed)
         self.seqs[request_id] = seq
         self._arrival[request_id] = time.perf_counter()
+        if block_ids is None:
+            self.scheduler.add(seq)
+            return
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(prompt_token_ids)
+        seq.num_registered = len(prompt_token_ids) // t
         self.scheduler.add_running(seq)
 
     def import_chunks(self, keys: list[ChunkKey], payloads: list[torch.Tensor]) -> int:

@@ -41,10 +41,11 @@ class KeyNamespace:
         return xxhash.xxh3_128_digest(text.encode())
 
 
-def chunk_keys(token_ids: Sequence[int], chunk_tokens: int, namespace: KeyNamespace,
+def chunk_keys(token_ids: Sequence[int], chunk_tokens: int, namespace: KeyNamespace | bytes,
                parent: ChunkKey = _ROOT) -> list[ChunkKey]:
-    """Keys of every full chunk of ``token_ids`` (a trailing partial chunk gets none)."""
-    ns = namespace.digest()
+    """Keys of every full chunk of ``token_ids`` (a trailing partial chunk gets none).
+    ``namespace`` is a KeyNamespace or its ``digest()`` (what workers report to the router)."""
+    ns = namespace if isinstance(namespace, bytes) else namespace.digest()
     head = _MAGIC + KEY_SCHEME_VERSION.to_bytes(2, "little") + ns
     arr = np.asarray(token_ids, dtype="<i4")
     keys = []

@@ -71,3 +71,23 @@ def test_first_token_finishing_request_is_not_held(engine):
     assert out.finished and out.finish_reason == "length" and not out.prefill_done
     assert not engine.release_held("fin")
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_failed_transfer_recompute_path_equals_one_engine(engine, decode_engine, temperature):
+    prompt = long_prompt(engine, 300, seed=99)
+    params = SamplingParams(max_tokens=12, temperature=temperature, seed=3, ignore_eos=True)
+    ref = engine.generate(prompt, params)[0]
+    engine.add_request("rc", prompt, params, prefill_only=True)
+    (first,) = engine.step()
+    held = engine.held_request("rc")
+    state = held.generator.get_state() if held.generator is not None else None
+    engine.release_held("rc")
+    decode_engine.add_prefilled_request("rc", prompt, first.new_token_ids[0], params, None,
+                                        num_text_emitted=len(first.text_delta), generator_state=state)
+    tokens, text = list(first.new_token_ids), first.text_delta
+    while decode_engine.has_unfinished():
+        for o in decode_engine.step():
+            tokens += o.new_token_ids
+            text += o.text_delta
+    assert tokens == ref.token_ids and text == ref.text

@@ -1,0 +1,117 @@
+"""User-facing configuration: ``ClusterConfig``, loaded from YAML (``cluster_configs/``), built
+from Python (``lmdisagg.pipeline``) or the CLI. Every field says what it does; unknown keys are
+errors, so a typo in a YAML file never passes silently.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmdisagg.errors import InvalidRequestError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSettings(_Strict):
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N' for every worker (a role may override)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = float32 on CPU, bfloat16 on CUDA")
+    chunk_tokens: int = Field(256, description="tokens per KV block and per chunk key (power of two)")
+    kv_cache_bytes: int | None = Field(None, description="KV pool size per worker in bytes "
+                                                         "(default 2 GiB on CPU, 85% of free GPU memory)")
+    num_blocks: int | None = Field(None, description="KV pool size in blocks (overrides kv_cache_bytes)")
+    max_model_len: int | None = Field(None, description="context length (default: the model's, capped at 32K)")
+    max_num_seqs: int = Field(64, description="sequences running at once per worker")
+
+    @field_validator("chunk_tokens")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v <= 0 or v & (v - 1):
+            raise ValueError("chunk_tokens must be a power of two")
+        return v
+
+
+class RoleSettings(_Strict):
+    replicas: int = Field(1, ge=0, description="number of Ray actors of this role")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per actor")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per actor")
+    resources: dict[str, float] = Field(default_factory=dict, description="extra Ray resources per actor "
+                                        "(e.g. {'node:10.0.0.2': 0.01} to pin to a node)")
+    device: str | None = Field(None, description="overrides engine.device for this role")
+
+
+class TransportSettings(_Strict):
+    name: Literal["shm", "cuda_ipc", "nccl", "mooncake", "fake"] = Field(
+        "shm", description="how KV chunks move from prefill to decode workers")
+    checksum: bool = Field(False, description="verify an xxhash per chunk; a mismatch fails the transfer")
+    protocol: Literal["tcp", "rdma"] = Field("tcp", description="mooncake only: tcp here, rdma in production")
+    timeout_s: float = Field(30.0, gt=0, description="a transfer not done by then is failed (never a hang)")
+
+
+class RouterSettings(_Strict):
+    host: str = Field("127.0.0.1", description="address the OpenAI endpoint binds")
+    port: int = Field(8000, ge=0, le=65535, description="port (0 = pick a free one)")
+    policy: str = Field("round_robin", description="placement: round_robin | least_loaded | prefix_tree | cache_aware")
+    served_model_name: str | None = Field(None, description="the name clients use (default: the model name)")
+    max_queued_requests: int = Field(256, ge=1, description="in-flight requests before answering 429")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
+    first_token_timeout_s: float = Field(300.0, gt=0, description="limit for prefill (queue + compute)")
+    token_timeout_s: float = Field(60.0, gt=0, description="limit between two streamed tokens")
+
+
+class RaySettings(_Strict):
+    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://...'); None = "
+                                                  "join the job's cluster or start a local one on 127.0.0.1")
+    namespace: str = Field("lmdisagg", description="Ray namespace of the actors")
+    worker_start_timeout_s: float = Field(300.0, gt=0, description="limit for loading the model in a worker")
+
+
+class ClusterConfig(_Strict):
+    model: str = Field("smollm2-135m", description="known name, dummy shape, or local HF directory")
+    mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="prefill and decode on separate actors, or both on each actor")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    prefill: RoleSettings = Field(default_factory=RoleSettings, description="prefill actors (disaggregated)")
+    decode: RoleSettings = Field(default_factory=RoleSettings, description="decode actors (disaggregated)")
+    workers: RoleSettings = Field(default_factory=RoleSettings, description="colocated actors (colocated mode)")
+    transport: TransportSettings = Field(default_factory=TransportSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ClusterConfig":
+        if self.mode == "disaggregated" and (self.prefill.replicas < 1 or self.decode.replicas < 1):
+            raise ValueError("disaggregated mode needs at least one prefill and one decode replica")
+        if self.mode == "colocated" and self.workers.replicas < 1:
+            raise ValueError("colocated mode needs at least one worker replica")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ClusterConfig":
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except OSError as e:
+            raise InvalidRequestError(f"cannot read config {p}: {e}") from e
+        except yaml.YAMLError as e:
+            raise InvalidRequestError(f"config {p} is not valid YAML: {e}") from e
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise InvalidRequestError(f"config {p}: {e}") from e
+
+    def with_overrides(self, **changes) -> "ClusterConfig":
+        """A copy with nested fields changed, e.g. ``with_overrides(router={"port": 0})``."""
+        data = self.model_dump()
+        for k, v in changes.items():
+            if isinstance(v, dict) and isinstance(data.get(k), dict):
+                data[k] = {**data[k], **v}
+            else:
+                data[k] = v
+        return type(self).model_validate(data)

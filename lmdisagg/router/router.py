@@ -1,0 +1,235 @@
+"""The request path behind the HTTP API: tokenize → validate → place → prefill → decode → stream.
+
+    1. place       the policy picks a prefill worker (and a decode worker) from the load snapshots
+    2. prefill     PrefillWorker.prefill(req) → first token + KVHandle   (colocated: generate())
+    3. decode      DecodeWorker.decode(req, handle) streams the rest
+    4. finish      on any early exit (client gone, error, timeout) both workers abort the request
+
+Worker loads are polled in the background; the policy sees them plus this router's own count of
+requests it has in flight per worker (fresher than any poll).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from lmdisagg.config import ClusterConfig
+from lmdisagg.engine.request import SamplingParams
+from lmdisagg.errors import (ContextLengthError, InvalidRequestError, LmdisaggError, TimeoutError_,
+                             UnavailableError)
+from lmdisagg.kv.keys import chunk_keys
+from lmdisagg.router.metrics import RouterMetrics
+from lmdisagg.router.policy import PlacementRequest, WorkerLoad, make_policy
+from lmdisagg.workers.messages import GenerateRequest, TokenDelta, WorkerInfo, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRef:
+    info: WorkerInfo
+    actor: object                       # Ray actor handle
+    alive: bool = True
+    stats: WorkerStats | None = None
+    in_flight: int = 0                  # requests this router has on it now
+    in_flight_tokens: int = 0           # their prompt tokens (prefill role)
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+
+def unwrap(err: BaseException) -> BaseException:
+    """Ray wraps worker exceptions; give back ours (typed) where there is one."""
+    import ray.exceptions as rex
+    if isinstance(err, rex.RayTaskError):
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            return unwrap(cause)
+    if isinstance(err, (rex.RayActorError, getattr(rex, "ActorUnavailableError", rex.RayActorError))):
+        return UnavailableError(f"worker unavailable: {err}")
+    return err
+
+
+@dataclass
+class Router:
+    config: ClusterConfig
+    workers: list[WorkerRef]
+    tokenizer: object | None            # lmdisagg.engine.loader.Tokenizer, None for token-id-only models
+    metrics: RouterMetrics = field(default_factory=RouterMetrics)
+
+    def __post_init__(self):
+        self.colocated = self.config.mode == "colocated"
+        self.by_id = {w.worker_id: w for w in self.workers}
+        self.prefill = [w for w in self.workers if w.info.role in ("prefill", "both")]
+        self.decode = [w for w in self.workers if w.info.role == "decode"]
+        info = self.workers[0].info
+        self.max_model_len = min(w.info.max_model_len for w in self.workers)
+        self.chunk_tokens = info.chunk_tokens
+        self.namespace = info.namespace
+        self.policy = make_policy(self.config.router.policy)
+        self.index = None
+        self.model_name = self.config.router.served_model_name or self.config.model
+        self._poller: asyncio.Task | None = None
+        self.in_flight = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.poll_once()
+        self._poller = asyncio.create_task(self._poll_loop())
+
+    async def stop(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except asyncio.CancelledError:
+                pass
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                await self.poll_once()
+            except Exception:  # noqa: BLE001 - keep polling
+                log.exception("worker poll failed")
+
+    async def poll_once(self) -> None:
+        async def one(w: WorkerRef):
+            try:
+                w.stats = await asyncio.wait_for(w.actor.load.remote(), 5.0)
+                w.alive = True
+                self.metrics.observe_worker(w.worker_id, w.stats)
+            except Exception as e:  # noqa: BLE001
+                if w.alive:
+                    log.error("worker %s stopped answering: %s", w.worker_id, e)
+                w.alive = False
+        await asyncio.gather(*(one(w) for w in self.workers))
+
+    def healthy(self) -> bool:
+        return bool([w for w in self.prefill if w.alive]) and (self.colocated or bool([w for w in self.decode if w.alive]))
+
+    # --- tokenize + validate ----------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, list):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; send token ids as the prompt", param="prompt")
+        return self.tokenizer.encode(prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer/chat template", param="messages")
+        return self.tokenizer.apply_chat_template(messages)
+
+    def check(self, ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise ContextLengthError(f"prompt has {n} tokens; this model's context is {self.max_model_len} tokens",
+                                     param="prompt")
+        if n + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                                     f"of {self.max_model_len} tokens", param="max_tokens")
+
+    # --- one choice ---------------------------------------------------------------------------
+    def _loads(self, refs: list[WorkerRef]) -> list[WorkerLoad]:
+        out = []
+        for w in refs:
+            if not w.alive:
+                continue
+            s = w.stats
+            out.append(WorkerLoad(w.worker_id,
+                                  (s.queued_prefill_tokens if s else 0) + w.in_flight_tokens,
+                                  (s.running if s else 0) + w.in_flight,
+                                  s.free_blocks if s else 0, s.total_blocks if s else 0))
+        return out
+
+    def place(self, req: GenerateRequest):
+        prefill = self._loads(self.prefill)
+        decode = None if self.colocated else self._loads(self.decode)
+        if not prefill or (decode is not None and not decode):
+            raise UnavailableError("no live workers to serve the request")
+        keys = chunk_keys(req.prompt_token_ids, self.chunk_tokens, self.namespace)
+        preq = PlacementRequest(req.request_id, keys, len(req.prompt_token_ids), req.prompt_token_ids)
+        placement = self.policy.choose(preq, prefill, decode, self.index)
+        log.debug("placed %s: prefill=%s decode=%s scores=%s", req.request_id, placement.prefill,
+                  placement.decode, placement.scores)
+        self.metrics.placements.labels(placement.prefill, "prefill").inc()
+        if not self.colocated:
+            self.metrics.placements.labels(placement.decode, "decode").inc()
+        return self.by_id[placement.prefill], self.by_id[placement.decode]
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Deltas of one choice until finished. Raises typed errors; on any early exit the
+        request is aborted on every worker that has it."""
+        rt = self.config.router
+        p, d = self.place(req)
+        involved = {p.worker_id: p} if self.colocated else {p.worker_id: p, d.worker_id: d}
+        n_prompt = len(req.prompt_token_ids)
+        for w in involved.values():
+            w.in_flight += 1
+        p.in_flight_tokens += n_prompt
+        finished = False
+        deadline = time.monotonic() + rt.request_timeout_s
+        try:
+            if self.colocated:
+                gen = p.actor.generate.remote(req)
+                first = True
+                async for delta in self._iter(gen, rt.first_token_timeout_s, deadline):
+                    if first:
+                        p.in_flight_tokens -= n_prompt
+                        first = False
+                    finished = delta.finished
+                    yield delta
+                return
+            try:
+                res = await asyncio.wait_for(p.actor.prefill.remote(req), rt.first_token_timeout_s)
+            except asyncio.TimeoutError:
+                raise TimeoutError_(f"prefill took over {rt.first_token_timeout_s:.0f} s") from None
+            finally:
+                p.in_flight_tokens -= n_prompt
+            finished = res.first.finished
+            yield res.first
+            if res.handle is None:
+                return
+            async for delta in self._iter(d.actor.decode.remote(req, res.handle), rt.token_timeout_s, deadline):
+                delta.cached_tokens = res.first.cached_tokens
+                finished = delta.finished
+                yield delta
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise unwrap(e) from None
+        finally:
+            for w in involved.values():
+                w.in_flight -= 1
+            if not finished:
+                self.metrics.aborted.inc()
+                # shielded: runs even when this task is being cancelled (client disconnected)
+                asyncio.ensure_future(self._abort(req.request_id, list(involved.values())))
+
+    async def _iter(self, gen, timeout: float, deadline: float):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError_("request ran past request_timeout_s")
+            try:
+                ref = await asyncio.wait_for(gen.__anext__(), min(timeout, left))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise TimeoutError_(f"no token within {min(timeout, left):.0f} s") from None
+            yield await ref
+
+    async def _abort(self, request_id: str, workers: list[WorkerRef]) -> None:
+        for w in workers:
+            try:
+                await asyncio.wait_for(w.actor.abort.remote(request_id), 10)
+            except Exception as e:  # noqa: BLE001
+                log.warning("abort of %s on %s failed: %s", request_id, w.worker_id, e)

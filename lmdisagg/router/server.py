@@ -1,0 +1,276 @@
+"""The OpenAI-compatible HTTP API (aiohttp).
+
+    POST /v1/completions, /v1/chat/completions   stream (SSE) or not; n, stop, seed, ignore_eos, ...
+    GET  /v1/models, /health, /metrics
+
+Every error is OpenAI-style JSON ``{"error": {"message", "type", "param", "code"}}``: 400 bad
+values, 404 unknown model, 413 body too large, 422 wrong types/shape, 429 too many requests in
+flight, 503 no live workers, 504 timeouts. A client that disconnects cancels its handler, which
+aborts the request on every worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from lmdisagg.engine.request import SamplingParams
+from lmdisagg.errors import InvalidRequestError, LmdisaggError, ModelNotFoundError, OverloadedError, PayloadTooLargeError
+from lmdisagg.router import protocol as P
+from lmdisagg.router.router import Router
+from lmdisagg.workers.messages import GenerateRequest
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def from_exc(e: LmdisaggError) -> web.Response:
+    return error_response(e.status, e.message, e.type, e.param)
+
+
+class OpenAIServer:
+    def __init__(self, router: Router):
+        self.router = router
+        self.app = web.Application(client_max_size=router.config.router.max_body_bytes)
+        self.app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ])
+        self.app.on_startup.append(lambda app: router.start())
+        self.app.on_cleanup.append(lambda app: router.stop())
+
+    # --- small endpoints ------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        r = self.router
+        return web.json_response({"object": "list", "data": [{
+            "id": r.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmdisagg",
+            "max_model_len": r.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        r = self.router
+        body = {"status": "ok" if r.healthy() else "unavailable", "mode": r.config.mode,
+                "workers": {w.worker_id: {"role": w.info.role, "alive": w.alive} for w in r.workers}}
+        return web.json_response(body, status=200 if r.healthy() else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.router.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    # --- generation -------------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _parse(self, request: web.Request, chat: bool):
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLargeError(f"request body over {self.router.config.router.max_body_bytes} bytes") from None
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        model = P.ChatCompletionRequest if chat else P.CompletionRequest
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise _Unprocessable(f"{loc}: {first['msg']}", loc.split(".")[0] if loc else None) from None
+
+    def _requests(self, body, chat: bool) -> list[tuple[int, GenerateRequest]]:
+        r = self.router
+        if body.model != r.model_name:
+            raise ModelNotFoundError(f"model {body.model!r} is not served here; try {r.model_name!r}", param="model")
+        body.check_supported()
+        if chat:
+            prompts = [r.encode_chat(body.template_messages())]
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        else:
+            prompts = [r.encode_prompt(p) for p in body.prompts()]
+            max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        out = []
+        base = uuid.uuid4().hex
+        for pi, ids in enumerate(prompts):
+            mt = max_tokens if max_tokens is not None else max(1, r.max_model_len - len(ids))
+            for i in range(body.n):
+                seed = None if body.seed is None else body.seed + i
+                params = SamplingParams(
+                    max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
+                    top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=body.stop_list(),
+                    stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
+                r.check(ids, params)
+                out.append((pi * body.n + i, GenerateRequest(f"{base}-{pi}-{i}", ids, params)))
+        return out
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        r = self.router
+        endpoint = "chat" if chat else "completions"
+        arrival = time.perf_counter()
+        try:
+            body = await self._parse(request, chat)
+            reqs = self._requests(body, chat)
+            if r.in_flight + len(reqs) > r.config.router.max_queued_requests:
+                raise OverloadedError(f"{r.in_flight} requests in flight; try again later")
+        except _Unprocessable as e:
+            r.metrics.requests.labels(endpoint, "422").inc()
+            return error_response(422, e.args[0], "invalid_request_error", e.param)
+        except LmdisaggError as e:
+            r.metrics.requests.labels(endpoint, str(e.status)).inc()
+            return from_exc(e)
+        rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0][1].request_id.split("-")[0]
+        r.in_flight += len(reqs)
+        r.metrics.in_flight.set(r.in_flight)
+        try:
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return await self._stream(request, rid, reqs, chat, include_usage, arrival, endpoint)
+            return await self._complete(rid, reqs, chat, arrival, endpoint)
+        finally:
+            r.in_flight -= len(reqs)
+            r.metrics.in_flight.set(r.in_flight)
+
+    async def _run_choices(self, reqs, arrival: float):
+        """Merge the deltas of every choice: yields (index, delta)."""
+        q: asyncio.Queue = asyncio.Queue()
+        m = self.router.metrics
+
+        async def one(index: int, req: GenerateRequest):
+            last = None
+            try:
+                async for delta in self.router.stream(req):
+                    now = time.perf_counter()
+                    m.itl.observe(now - last) if last is not None else m.ttft.observe(now - arrival)
+                    last = now
+                    await q.put((index, delta))
+                await q.put((index, None))
+            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                await q.put((index, e))
+
+        tasks = [asyncio.create_task(one(i, req)) for i, req in reqs]
+        try:
+            pending = len(tasks)
+            while pending:
+                index, item = await q.get()
+                if item is None:
+                    pending -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _record(self, usage: dict, arrival: float) -> None:
+        m = self.router.metrics
+        m.e2e.observe(time.perf_counter() - arrival)
+        m.prompt_tokens.inc(usage["prompt_tokens"])
+        m.generation_tokens.inc(usage["completion_tokens"])
+        m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
+
+    async def _complete(self, rid, reqs, chat, arrival, endpoint) -> web.Response:
+        m = self.router.metrics
+        texts = {i: "" for i, _ in reqs}
+        finish = {i: None for i, _ in reqs}
+        last = {}
+        try:
+            async for i, d in self._run_choices(reqs, arrival):
+                texts[i] += d.text
+                if d.finished:
+                    finish[i] = d.finish_reason
+                last[i] = d
+        except LmdisaggError as e:
+            m.requests.labels(endpoint, str(e.status)).inc()
+            return from_exc(e)
+        use = self._usage(reqs, last)
+        self._record(use, arrival)
+        m.requests.labels(endpoint, "200").inc()
+        choices = [{"index": i, "text": texts[i], "finish_reason": finish[i]} for i in sorted(texts)]
+        return web.json_response(P.completion_response(rid, self.router.model_name, choices, use, chat))
+
+    @staticmethod
+    def _usage(reqs, last: dict) -> dict:
+        """OpenAI counts each prompt once however many choices (n) it has."""
+        prompt = cached = completion = 0
+        for i, req in reqs:
+            d = last.get(i)
+            if i % req_n(reqs) == 0:
+                prompt += len(req.prompt_token_ids)
+                cached += d.cached_tokens if d else 0
+            completion += d.completion_tokens if d else 0
+        return P.usage(prompt, completion, cached)
+
+    async def _stream(self, request, rid, reqs, chat, include_usage, arrival, endpoint) -> web.StreamResponse:
+        m = self.router.metrics
+        model = self.router.model_name
+        created = int(time.time())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+
+        async def send(obj) -> None:
+            await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+        last = {}
+        try:
+            if chat:
+                for i, _ in reqs:
+                    await send(P.stream_chunk(rid, model, i, "", None, chat, role=True, created=created))
+            async for i, d in self._run_choices(reqs, arrival):
+                last[i] = d
+                if d.text:
+                    await send(P.stream_chunk(rid, model, i, d.text, None, chat, created=created))
+                if d.finished:
+                    await send(P.stream_chunk(rid, model, i, None if chat else "", d.finish_reason, chat,
+                                              created=created))
+            use = self._usage(reqs, last)
+            if include_usage:
+                await send(P.usage_chunk(rid, model, use, chat, created=created))
+            self._record(use, arrival)
+            m.requests.labels(endpoint, "200").inc()
+        except LmdisaggError as e:
+            m.requests.labels(endpoint, str(e.status)).inc()
+            await send(e.to_openai())
+        except (ConnectionResetError, asyncio.CancelledError):
+            m.requests.labels(endpoint, "499").inc()
+            raise
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def req_n(reqs) -> int:
+    """Choices per prompt: request ids end in -<prompt index>-<choice index>."""
+    return 1 + max(int(req.request_id.rsplit("-", 1)[1]) for _, req in reqs)
+
+
+class _Unprocessable(Exception):
+    def __init__(self, message: str, param: str | None):
+        super().__init__(message)
+        self.param = param
+
+
+async def start_site(server: OpenAIServer, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (call ``cleanup()``) and the bound port."""
+    runner = web.AppRunner(server.app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # the real port when port=0
+    return runner, bound

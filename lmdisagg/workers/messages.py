@@ -1,0 +1,79 @@
+"""Messages between roles. Small typed dataclasses: they are all that roles exchange (KV bytes
+go through a transport, never through these or Ray's object store).
+
+    router ──GenerateRequest──▶ PrefillWorker.prefill ──PrefillResult(first delta, KVHandle)──▶ router
+    router ──GenerateRequest + KVHandle──▶ DecodeWorker.decode ──TokenDelta stream──▶ router
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmdisagg.engine.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str                 # unique per request (per choice when n > 1)
+    prompt_token_ids: list[int]     # already tokenized (chat template applied) by the router
+    params: SamplingParams
+
+
+@dataclass
+class TokenDelta:
+    """What the client gets per step."""
+
+    request_id: str
+    token_ids: list[int]            # new tokens
+    text: str                       # new text (stop strings trimmed, partial UTF-8 held back)
+    finished: bool
+    finish_reason: str | None       # "stop" | "length" | "abort" when finished
+    prompt_tokens: int
+    cached_tokens: int              # prompt tokens not computed by the worker that prefilled
+    completion_tokens: int          # generated so far
+
+
+@dataclass
+class KVHandle:
+    """Where a prefilled prompt's KV lives, and what the decode side needs to continue."""
+
+    request_id: str
+    source_worker: str              # worker id of the prefill actor holding the blocks
+    source_actor: object            # its Ray actor handle (to call release())
+    chunk_keys: list[bytes]         # keys of the prompt's full chunks, in order
+    has_tail: bool                  # a partial last block follows the full chunks
+    descriptor: object              # transport-specific, picklable: where the blocks' bytes are
+    layout: tuple                   # KVLayout fields; the decode side refuses a mismatch
+    namespace: bytes                # KeyNamespace digest (model fingerprint, dtype, layout)
+    first_token: int                # sampled by the prefill side and already streamed
+    num_text_emitted: int           # characters of text already streamed
+    generator_state: bytes | None = None  # torch.Generator state after the first token (sampling)
+
+
+@dataclass
+class PrefillResult:
+    first: TokenDelta               # the first token, to stream right away
+    handle: KVHandle | None         # None when the first token already finished the request
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    role: str                       # "prefill" | "decode" | "both"
+    model: str
+    max_model_len: int
+    chunk_tokens: int
+    num_blocks: int
+    layout: tuple
+    namespace: bytes
+    transport: str
+    node_ip: str = ""
+
+
+@dataclass
+class WorkerStats:
+    worker_id: str
+    queued_prefill_tokens: int      # prompt tokens admitted but not yet computed
+    running: int                    # running sequences
+    free_blocks: int
+    total_blocks: int
+    stats: dict = field(default_factory=dict)  # engine counters (tokens computed, cached, ...)

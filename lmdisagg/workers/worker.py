@@ -1,0 +1,274 @@
+"""Worker actors: ``Worker`` (colocated: prefill and decode), ``PrefillWorker``, ``DecodeWorker``.
+
+Lifecycle of one disaggregated request (numbers match the router's):
+
+    1. PrefillWorker.prefill(req)   admit (prefix cache) → run prompt → first token → hold blocks →
+                                    publish them on the transport → PrefillResult(first, KVHandle)
+    2. DecodeWorker.decode(req, h)  yield the first token → claim blocks (cached chunks reused) →
+                                    pull the missing chunks + tail → release the prefill blocks →
+                                    decode → yield deltas
+    3. abort(request_id)            on either side, any time: frees the request's blocks
+
+A pull that fails or times out is never silent: it is logged and counted, and the decode side
+recomputes the prompt itself (same tokens; it costs time, not correctness).
+
+The classes are plain Python; ``lmdisagg.pipeline`` wraps them with ``ray.remote``. Their async
+methods run on the actor's event loop; the engine runs on its own thread (EngineLoop).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from lmdisagg.engine import Engine, EngineConfig
+from lmdisagg.engine.request import RequestOutput
+from lmdisagg.errors import LmdisaggError, TimeoutError_
+from lmdisagg.workers.engine_loop import EngineLoop
+from lmdisagg.workers.kv_transfer import KVTransfer, TransferError
+from lmdisagg.workers.messages import (GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerInfo,
+                                       WorkerStats)
+
+log = logging.getLogger(__name__)
+
+
+def _delta(out: RequestOutput) -> TokenDelta:
+    return TokenDelta(out.request_id, out.new_token_ids, out.text_delta, out.finished and not out.prefill_done,
+                      out.finish_reason, out.prompt_tokens, out.cached_tokens, out.completion_tokens)
+
+
+def _gen_state(h: KVHandle) -> torch.Tensor | None:
+    return torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8) if h.generator_state else None
+
+
+class Worker:
+    """A colocated worker: runs whole requests (``generate``)."""
+
+    role = "both"
+
+    def __init__(self, worker_id: str, engine_config: EngineConfig, transport: dict | None = None,
+                 timeouts: dict | None = None, num_threads: int | None = None):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if num_threads:
+            torch.set_num_threads(num_threads)  # one worker per reserved CPU, not one per core each
+        self.worker_id = worker_id
+        self.timeouts = {"first_token_s": 300.0, "token_s": 60.0, "transfer_s": 30.0, "hold_s": 120.0,
+                         **(timeouts or {})}
+        self.kv = KVTransfer.create(transport or {"name": "shm"}, worker_id) if self.role != "both" else None
+        engine = Engine(engine_config, kv_allocator=self.kv.allocator if self.kv else None)
+        self.engine = engine
+        if self.kv is not None:
+            self.kv.register(engine.kv_buffer)
+        self.loop = EngineLoop(engine)
+        self.counters = {"requests": 0, "aborted": 0, "transfer_failures": 0, "recomputed_prompts": 0,
+                         "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "reused_chunks": 0}
+        self._holds: dict[str, asyncio.TimerHandle] = {}
+
+    # --- info -----------------------------------------------------------------------------------
+    async def info(self) -> WorkerInfo:
+        e = self.engine
+        import ray
+        return WorkerInfo(self.worker_id, self.role, e.config.model, e.max_model_len, e.config.chunk_tokens,
+                          e.blocks.num_blocks, tuple(e.layout.__dict__.values()), e.namespace.digest(),
+                          self.kv.name if self.kv else "none", ray.util.get_node_ip_address())
+
+    async def load(self) -> WorkerStats:
+        def snap(e: Engine) -> WorkerStats:
+            queued = sum(len(s) - s.num_computed_tokens for s in e.scheduler.waiting)
+            st = dict(e.stats.__dict__)
+            st.pop("extra", None)
+            st.update(self.counters, held=len(e.held), cached_blocks=e.blocks.num_cached)
+            return WorkerStats(self.worker_id, queued, len(e.scheduler.running), e.blocks.num_free,
+                              e.blocks.num_blocks, st)
+        return await self.loop.call(snap)
+
+    async def abort(self, request_id: str) -> bool:
+        self._cancel_hold(request_id)
+        done = await self.loop.call(lambda e: e.abort(request_id))
+        if done:
+            self.counters["aborted"] += 1
+        return done
+
+    async def shutdown(self) -> None:
+        self.loop.stop()
+        if self.kv is not None:
+            self.kv.close()
+
+    # --- colocated ------------------------------------------------------------------------------
+    async def generate(self, req: GenerateRequest):
+        """Stream a whole request: TokenDelta per step until finished."""
+        self.counters["requests"] += 1
+        q = self.loop.open_stream(req.request_id)
+        try:
+            await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params))
+            async for delta in self._drain(q, req.request_id, self.timeouts["first_token_s"]):
+                yield delta
+        finally:
+            await self._finish(req.request_id)
+
+    async def _drain(self, q: asyncio.Queue, request_id: str, first_timeout: float):
+        timeout = first_timeout
+        while True:
+            try:
+                item = await asyncio.wait_for(q.get(), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError_(f"request {request_id}: no token within {timeout:.0f} s") from None
+            if isinstance(item, BaseException):
+                raise item
+            delta = _delta(item)
+            yield delta
+            if delta.finished:
+                return
+            timeout = self.timeouts["token_s"]
+
+    async def _finish(self, request_id: str) -> None:
+        """Always runs when a stream ends (finished, cancelled, or failed): nothing stays allocated."""
+        self.loop.close_stream(request_id)
+        aborted = await self.loop.call(lambda e: e.abort(request_id))
+        if aborted:
+            self.counters["aborted"] += 1
+
+    # --- holds on prefilled blocks --------------------------------------------------------------
+    def _cancel_hold(self, request_id: str) -> None:
+        h = self._holds.pop(request_id, None)
+        if h is not None:
+            h.cancel()
+
+
+class PrefillWorker(Worker):
+    role = "prefill"
+
+    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+        """Compute the prompt, return the first token and a handle on the KV (held until
+        ``release`` or the hold timeout)."""
+        self.counters["requests"] += 1
+        q = self.loop.open_stream(req.request_id)
+        try:
+            await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params,
+                                                         prefill_only=True))
+            try:
+                out = await asyncio.wait_for(q.get(), self.timeouts["first_token_s"])
+            except asyncio.TimeoutError:
+                await self.loop.call(lambda e: e.abort(req.request_id))
+                raise TimeoutError_(f"prefill of {req.request_id} took over "
+                                    f"{self.timeouts['first_token_s']:.0f} s") from None
+        finally:
+            self.loop.close_stream(req.request_id)
+        if isinstance(out, BaseException):
+            raise out
+        first = _delta(out)
+        if not out.prefill_done:
+            return PrefillResult(first, None)
+        try:
+            handle = await self.loop.call(lambda e: self._publish(e, req, out))
+        except BaseException:
+            await self.loop.call(lambda e: e.release_held(req.request_id))
+            raise
+        # never hold blocks forever: a decode worker that died never calls release()
+        self._holds[req.request_id] = asyncio.get_running_loop().call_later(
+            self.timeouts["hold_s"], lambda: asyncio.ensure_future(self.release(req.request_id)))
+        return PrefillResult(first, handle)
+
+    def _publish(self, e: Engine, req: GenerateRequest, out: RequestOutput) -> KVHandle:
+        seq = e.held_request(req.request_id)
+        keys = e.chunk_keys(req.prompt_token_ids)
+        gen = seq.generator.get_state().numpy().tobytes() if seq.generator is not None else None
+        import ray
+        return KVHandle(
+            request_id=req.request_id, source_worker=self.worker_id,
+            source_actor=ray.get_runtime_context().current_actor, chunk_keys=keys,
+            has_tail=len(seq.block_table) > len(keys), descriptor=self.kv.describe(list(seq.block_table)),
+            layout=tuple(e.layout.__dict__.values()), namespace=e.namespace.digest(),
+            first_token=out.new_token_ids[0], num_text_emitted=seq.num_text_emitted, generator_state=gen)
+
+    async def release(self, request_id: str) -> bool:
+        """The decode side has the KV (or gave up): let the held blocks go to the prefix cache."""
+        self._cancel_hold(request_id)
+        return await self.loop.call(lambda e: e.release_held(request_id))
+
+
+class DecodeWorker(Worker):
+    role = "decode"
+
+    async def decode(self, req: GenerateRequest, handle: KVHandle):
+        """Stream a prefilled request: the first token, then one delta per step."""
+        self.counters["requests"] += 1
+        e = self.engine
+        rid = req.request_id
+        q = self.loop.open_stream(rid)
+        try:
+            if not await self._pull(req, handle):  # fall back: compute the prompt's KV here
+                self.counters["recomputed_prompts"] += 1
+                await self.loop.call(lambda e: e.add_prefilled_request(
+                    rid, req.prompt_token_ids, handle.first_token, req.params, None,
+                    num_text_emitted=handle.num_text_emitted, generator_state=_gen_state(handle)))
+            async for delta in self._drain(q, rid, self.timeouts["first_token_s"]):
+                yield delta
+        finally:
+            await self._finish(rid)
+
+    async def _pull(self, req: GenerateRequest, h: KVHandle) -> bool:
+        """Bring the prompt's KV here and admit the request; False if the transfer failed."""
+        e = self.engine
+        if h.layout != tuple(e.layout.__dict__.values()) or h.namespace != e.namespace.digest():
+            log.error("KV layout/model mismatch between %s and %s; recomputing", h.source_worker, self.worker_id)
+            await self._release_source(h)
+            return False
+        t0 = time.perf_counter()
+
+        def claim(e: Engine):
+            ids, to_fill = e.claim_chunks(h.chunk_keys)
+            if h.has_tail:
+                try:
+                    ids += e.allocate_blocks(1)
+                except BaseException:
+                    e.free_blocks(ids)
+                    raise
+            return ids, to_fill
+
+        try:
+            block_ids, to_fill = await self.loop.call(claim)
+        except LmdisaggError as err:
+            log.warning("cannot claim blocks for %s (%s); recomputing", req.request_id, err)
+            await self._release_source(h)
+            return False
+        # which source blocks go where: the missing full chunks and the tail
+        pairs = [(i, b) for i, (k, b) in enumerate(zip(h.chunk_keys, block_ids)) if k in to_fill
+                 and to_fill[k] == b]
+        if h.has_tail:
+            pairs.append((len(h.chunk_keys), block_ids[-1]))
+        try:
+            if pairs:
+                await asyncio.to_thread(self.kv.pull, h.descriptor, [s for s, _ in pairs], [d for _, d in pairs],
+                                        self.timeouts["transfer_s"])
+        except (TransferError, OSError, RuntimeError) as err:
+            self.counters["transfer_failures"] += 1
+            log.error("KV pull of %s from %s failed: %s; recomputing", req.request_id, h.source_worker, err)
+            await self.loop.call(lambda e: e.free_blocks(block_ids))
+            await self._release_source(h)
+            return False
+        await self._release_source(h)
+        self.counters["pulled_chunks"] += len(pairs)
+        self.counters["pulled_bytes"] += len(pairs) * e.layout.chunk_nbytes
+        self.counters["pull_seconds"] += time.perf_counter() - t0
+        self.counters["reused_chunks"] += len(h.chunk_keys) - len(to_fill)
+        gen = _gen_state(h)
+
+        def admit(e: Engine):
+            e.commit_chunks(to_fill, hold=True)
+            try:
+                e.add_prefilled_request(req.request_id, req.prompt_token_ids, h.first_token, req.params,
+                                        block_ids, num_text_emitted=h.num_text_emitted, generator_state=gen)
+            except BaseException:
+                e.free_blocks(block_ids)
+                raise
+        await self.loop.call(admit)
+        return True
+
+    async def _release_source(self, h: KVHandle) -> None:
+        try:
+            await asyncio.wait_for(h.source_actor.release.remote(h.request_id), 10)
+        except Exception as err:  # noqa: BLE001 - the hold timeout frees it anyway
+            log.warning("release of %s on %s failed: %s", h.request_id, h.source_worker, err)
