@@ -56,6 +56,7 @@ class EngineStats:
     steps: int = 0
     imported_chunks: int = 0
     exported_chunks: int = 0
+    aborted: int = 0                  # requests aborted (client gone, error, timeout)
     extra: dict = field(default_factory=dict)
 
 
@@ -190,6 +191,7 @@ class Engine(EngineBase):
         self._arrival.pop(request_id, None)
         if seq is None:
             return False
+        self.stats.aborted += 1
         self.scheduler.remove(seq)
         seq.finish_reason = "abort"
         return True

@@ -35,6 +35,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None  # vLLM extension
     logprobs: Union[bool, int, None] = None
     user: str | None = None
+    return_token_ids: bool = False         # vLLM extension: token ids in each choice
 
     @field_validator("n")
     @classmethod

@@ -47,6 +47,7 @@ class OpenAIServer:
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
+            web.get("/stats", self.stats),
         ])
         self.app.on_startup.append(lambda app: router.start())
         self.app.on_cleanup.append(lambda app: router.stop())
@@ -63,6 +64,18 @@ class OpenAIServer:
         body = {"status": "ok" if r.healthy() else "unavailable", "mode": r.config.mode,
                 "workers": {w.worker_id: {"role": w.info.role, "alive": w.alive} for w in r.workers}}
         return web.json_response(body, status=200 if r.healthy() else 503)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """Fresh per-worker load and counters (free/held KV blocks, tokens computed, transfers)."""
+        r = self.router
+        await r.poll_once()
+        body = {"in_flight": r.in_flight, "workers": {
+            w.worker_id: {"role": w.info.role, "alive": w.alive, "running": w.stats.running,
+                          "queued_prefill_tokens": w.stats.queued_prefill_tokens,
+                          "free_blocks": w.stats.free_blocks, "total_blocks": w.stats.total_blocks,
+                          **w.stats.stats} if w.stats else {"role": w.info.role, "alive": w.alive}
+            for w in r.workers}}
+        return web.json_response(body)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.router.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -139,8 +152,9 @@ class OpenAIServer:
         try:
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                return await self._stream(request, rid, reqs, chat, include_usage, arrival, endpoint)
-            return await self._complete(rid, reqs, chat, arrival, endpoint)
+                return await self._stream(request, rid, reqs, chat, include_usage, arrival, endpoint,
+                                          bool(body.return_token_ids))
+            return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids))
         finally:
             r.in_flight -= len(reqs)
             r.metrics.in_flight.set(r.in_flight)
@@ -185,14 +199,16 @@ class OpenAIServer:
         m.generation_tokens.inc(usage["completion_tokens"])
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
 
-    async def _complete(self, rid, reqs, chat, arrival, endpoint) -> web.Response:
+    async def _complete(self, rid, reqs, chat, arrival, endpoint, return_ids: bool = False) -> web.Response:
         m = self.router.metrics
         texts = {i: "" for i, _ in reqs}
+        token_ids: dict[int, list[int]] = {i: [] for i, _ in reqs}
         finish = {i: None for i, _ in reqs}
         last = {}
         try:
             async for i, d in self._run_choices(reqs, arrival):
                 texts[i] += d.text
+                token_ids[i] += d.token_ids
                 if d.finished:
                     finish[i] = d.finish_reason
                 last[i] = d
@@ -203,7 +219,11 @@ class OpenAIServer:
         self._record(use, arrival)
         m.requests.labels(endpoint, "200").inc()
         choices = [{"index": i, "text": texts[i], "finish_reason": finish[i]} for i in sorted(texts)]
-        return web.json_response(P.completion_response(rid, self.router.model_name, choices, use, chat))
+        resp = P.completion_response(rid, self.router.model_name, choices, use, chat)
+        if return_ids:  # vLLM's return_token_ids extension
+            for c in resp["choices"]:
+                c["token_ids"] = token_ids[c["index"]]
+        return web.json_response(resp)
 
     @staticmethod
     def _usage(reqs, last: dict) -> dict:
@@ -217,7 +237,8 @@ class OpenAIServer:
             completion += d.completion_tokens if d else 0
         return P.usage(prompt, completion, cached)
 
-    async def _stream(self, request, rid, reqs, chat, include_usage, arrival, endpoint) -> web.StreamResponse:
+    async def _stream(self, request, rid, reqs, chat, include_usage, arrival, endpoint,
+                      return_ids: bool = False) -> web.StreamResponse:
         m = self.router.metrics
         model = self.router.model_name
         created = int(time.time())
@@ -234,8 +255,11 @@ class OpenAIServer:
                     await send(P.stream_chunk(rid, model, i, "", None, chat, role=True, created=created))
             async for i, d in self._run_choices(reqs, arrival):
                 last[i] = d
-                if d.text:
-                    await send(P.stream_chunk(rid, model, i, d.text, None, chat, created=created))
+                if d.text or (return_ids and d.token_ids):
+                    chunk = P.stream_chunk(rid, model, i, d.text, None, chat, created=created)
+                    if return_ids:
+                        chunk["choices"][0]["token_ids"] = d.token_ids
+                    await send(chunk)
                 if d.finished:
                     await send(P.stream_chunk(rid, model, i, None if chat else "", d.finish_reason, chat,
                                               created=created))

@@ -62,7 +62,7 @@ class Worker:
         if self.kv is not None:
             self.kv.register(engine.kv_buffer)
         self.loop = EngineLoop(engine)
-        self.counters = {"requests": 0, "aborted": 0, "transfer_failures": 0, "recomputed_prompts": 0,
+        self.counters = {"requests": 0, "transfer_failures": 0, "recomputed_prompts": 0,
                          "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "reused_chunks": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
 
@@ -86,10 +86,7 @@ class Worker:
 
     async def abort(self, request_id: str) -> bool:
         self._cancel_hold(request_id)
-        done = await self.loop.call(lambda e: e.abort(request_id))
-        if done:
-            self.counters["aborted"] += 1
-        return done
+        return await self.loop.call(lambda e: e.abort(request_id))
 
     async def shutdown(self) -> None:
         self.loop.stop()
@@ -126,9 +123,7 @@ class Worker:
     async def _finish(self, request_id: str) -> None:
         """Always runs when a stream ends (finished, cancelled, or failed): nothing stays allocated."""
         self.loop.close_stream(request_id)
-        aborted = await self.loop.call(lambda e: e.abort(request_id))
-        if aborted:
-            self.counters["aborted"] += 1
+        await self.loop.call(lambda e: e.abort(request_id))
 
     # --- holds on prefilled blocks --------------------------------------------------------------
     def _cancel_hold(self, request_id: str) -> None:

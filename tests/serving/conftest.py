@@ -1,0 +1,90 @@
+"""`lmdisagg serve` started the way a user starts it, and helpers to talk to it."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Served:
+    url: str                     # http://127.0.0.1:PORT/v1
+    proc: subprocess.Popen
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return self.url[: -len("/v1")]
+
+    def client(self, **kw):
+        from openai import OpenAI
+        return OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=kw.pop("timeout", 300), **kw)
+
+    def stats(self) -> dict:
+        import httpx
+        return httpx.get(self.base + "/stats", timeout=30).json()
+
+
+def start_serve(config: str, extra: list[str] = (), timeout: float = 240) -> Served:
+    cmd = [sys.executable, "-m", "lmdisagg.cli", "serve", "--config", str(ROOT / config), "--port", "0", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    found: list[str] = []
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"serving .* at (http://\S+/v1)", line)
+            if m:
+                found.append(m.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout) or not found:
+        stop_serve(Served("", proc, lines))
+        raise RuntimeError("lmdisagg serve did not come up:\n" + "".join(lines[-60:]))
+    return Served(found[0], proc, lines)
+
+
+def stop_serve(s: Served, timeout: float = 90) -> int:
+    if s.proc.poll() is None:
+        s.proc.send_signal(signal.SIGINT)
+        try:
+            s.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(s.proc.pid, signal.SIGKILL)
+            s.proc.wait(10)
+    return s.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def served():
+    s = start_serve(os.environ.get("LMDISAGG_TEST_CONFIG", "cluster_configs/local-cpu.yaml"))
+    yield s
+    rc = stop_serve(s)
+    assert rc == 0, "".join(s.log[-40:])
+    assert any("stopped" in line for line in s.log)
+
+
+def wait_until(pred, timeout: float, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
