@@ -17,6 +17,9 @@ _LAZY = {
     "EngineConfig": "lmdisagg.engine",
     "SamplingParams": "lmdisagg.engine",
     "GenerationResult": "lmdisagg.engine",
+    "Pipeline": "lmdisagg.pipeline",
+    "Role": "lmdisagg.pipeline",
+    "ClusterConfig": "lmdisagg.config",
 }
 
 
