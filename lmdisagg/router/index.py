@@ -135,6 +135,10 @@ class ChunkIndex:
         """(key, any tier) entries the worker holds, per the index."""
         return len(self._wkeys[self._slot[worker_id]])
 
+    def keys_of(self, worker_id: str) -> list[bytes]:
+        """Every key the worker holds in some tier (for resync checks and tests)."""
+        return list(self._wkeys[self._slot[worker_id]])
+
     def __len__(self) -> int:
         """Total (worker, key) entries."""
         return sum(len(self._wkeys[s]) for s in self._slot.values())
