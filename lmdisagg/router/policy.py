@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from lmdisagg.router.index import ChunkIndex
 
 
+class PolicyConfigError(InvalidRequestError, ValueError):
+    """Unknown policy name or options (also a ValueError, so pydantic validators report it)."""
+
+
 @dataclass
 class WorkerLoad:
     """A snapshot the router keeps per worker (refreshed from the worker's load reports)."""
@@ -70,8 +74,9 @@ class PlacementRequest:
 class Placement:
     prefill: str                 # worker_id
     decode: str                  # worker_id (== prefill when colocated)
-    scores: dict[str, float]     # per candidate prefill worker (see the policy's score_meaning)
-    cached_chunks: int           # leading chunks the chosen prefill worker holds (per the index)
+    scores: dict[str, float] = field(default_factory=dict)  # per candidate prefill worker
+                                                            # (see the policy's score_meaning)
+    cached_chunks: int = 0       # leading chunks the chosen prefill worker holds (per the index)
     reason: str = ""             # short tag of the rule that decided ("cache", "guard", "balance", ...)
 
 
@@ -107,9 +112,10 @@ class PlacementPolicy(ABC):
         self.counters = PolicyCounters()
 
     def choose(self, req: PlacementRequest, prefill: list[WorkerLoad], decode: list[WorkerLoad] | None,
-               index: "ChunkIndex") -> Placement:
+               index: "ChunkIndex | None" = None) -> Placement:
         """Pick (prefill, decode) for ``req``. Called by the router per request, on its event loop;
-        does not block. Raises ``UnavailableError`` when there is no worker to choose from."""
+        does not block. ``index=None`` (no KV events wired) means nothing is known to be cached.
+        Raises ``UnavailableError`` when there is no worker to choose from."""
         if not prefill or (decode is not None and not decode):
             raise UnavailableError("no prefill worker" if not prefill else "no decode worker")
         p = self._choose(req, prefill, decode, index)
@@ -118,10 +124,17 @@ class PlacementPolicy(ABC):
 
     @abstractmethod
     def _choose(self, req: PlacementRequest, prefill: list[WorkerLoad], decode: list[WorkerLoad] | None,
-                index: "ChunkIndex") -> Placement: ...
+                index: "ChunkIndex | None") -> Placement: ...
 
     def forget_worker(self, worker_id: str) -> None:
         """A worker left; policies holding per-worker state drop it (default: nothing to drop)."""
+
+
+def cached_on(index: "ChunkIndex | None", worker_id: str, keys: Sequence[bytes]) -> int:
+    """Leading chunks of ``keys`` the index says ``worker_id`` holds (0 without an index)."""
+    if index is None or worker_id not in index:
+        return 0
+    return index.matched_prefix(worker_id, keys).chunks
 
 
 def least_running(decode: list[WorkerLoad]) -> WorkerLoad:
@@ -141,10 +154,10 @@ def make_policy(name: str, **kwargs) -> PlacementPolicy:
     """Build a policy by registry name; kwargs go to its constructor (unknown ones are an error)."""
     target = POLICIES.get(name)
     if target is None:
-        raise InvalidRequestError(f"unknown placement policy {name!r}; choose one of {sorted(POLICIES)}",
-                                  param="policy")
+        raise PolicyConfigError(f"unknown placement policy {name!r}; choose one of {sorted(POLICIES)}",
+                                param="policy")
     mod, cls = target.split(":")
     try:
         return getattr(importlib.import_module(mod), cls)(**kwargs)
     except TypeError as e:
-        raise InvalidRequestError(f"bad options for policy {name!r}: {e}", param="policy") from None
+        raise PolicyConfigError(f"bad options for policy {name!r}: {e}", param="policy") from None

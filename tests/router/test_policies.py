@@ -44,6 +44,8 @@ def test_registry_and_typed_errors():
     assert set(POLICIES) == {"round_robin", "least_loaded", "prefix_tree", "cache_aware"}
     with pytest.raises(InvalidRequestError, match="unknown placement policy"):
         make_policy("random")
+    with pytest.raises(ValueError):                   # pydantic validators see a ValueError
+        make_policy("random")
     with pytest.raises(InvalidRequestError, match="bad options"):
         make_policy("cache_aware", no_such_knob=1)
     for name in POLICIES:
@@ -60,7 +62,9 @@ def test_every_policy_scores_every_candidate_and_counts(name):
     assert set(p.scores) == {w.worker_id for w in ws} and p.decode == p.prefill
     d = pol.choose(req(keys(3)), ws, loads(2, "d"), ix)
     assert d.decode in {"d0", "d1"}
-    assert sum(pol.counters.decisions.values()) == 2 and pol.counters.prompt_chunks == 6
+    bare = pol.choose(req(keys(3)), ws, None)          # no index wired: nothing counts as cached
+    assert bare.cached_chunks == 0 and bare.prefill in p.scores
+    assert sum(pol.counters.decisions.values()) == 3 and pol.counters.prompt_chunks == 9
 
 
 def test_cache_aware_prefers_the_holder_and_explains_why():

@@ -92,7 +92,7 @@ class CacheAwarePolicy(PlacementPolicy):
                 index) -> Placement:
         c = self.cost
         d = self._pick_decode(req, decode) if decode is not None else None
-        matches = index.match_all(req.chunk_keys) if req.chunk_keys else {}
+        matches = index.match_all(req.chunk_keys) if index is not None and req.chunk_keys else {}
         full = c.prefill_s(req.num_prompt_tokens, 0)
         move_same = move_other = 0.0
         if d is not None:
@@ -123,7 +123,7 @@ class CacheAwarePolicy(PlacementPolicy):
         guarded = any_s < best_s
         reason = "guard" if guarded else ("cache" if cached else "load")
         self.guard_trips += guarded
-        if self.note_pending and best.worker_id in index:
+        if self.note_pending and index is not None and best.worker_id in index:
             index.note_routed(best.worker_id, req.chunk_keys)
         p = Placement(best.worker_id, best.worker_id if d is None else d.worker_id, scores, cached, reason)
         if log.isEnabledFor(logging.DEBUG):
@@ -138,8 +138,8 @@ class CacheAwarePolicy(PlacementPolicy):
         one chosen least often (so full caches take new prefixes in turn)."""
         if best is None:
             return True
-        nw = index.num_keys(w.worker_id) if w.worker_id in index else 0
-        nb = index.num_keys(best.worker_id) if best.worker_id in index else 0
+        nw = index.num_keys(w.worker_id) if index is not None and w.worker_id in index else 0
+        nb = index.num_keys(best.worker_id) if index is not None and best.worker_id in index else 0
         if nw != nb:
             return nw < nb
         n = self.counters.decisions

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lmdisagg.router.policy import (Placement, PlacementPolicy, PlacementRequest, WorkerLoad,
-                                    least_running)
+                                    cached_on, least_running)
 
 
 class LeastLoadedPolicy(PlacementPolicy):
@@ -17,6 +17,6 @@ class LeastLoadedPolicy(PlacementPolicy):
         n = self.counters.decisions
         best = min(prefill, key=lambda w: (w.queued_prefill_tokens, w.running, -w.free_blocks, n[w.worker_id]))
         d = best.worker_id if decode is None else least_running(decode).worker_id
-        cached = index.matched_prefix(best.worker_id, req.chunk_keys).chunks if best.worker_id in index else 0
+        cached = cached_on(index, best.worker_id, req.chunk_keys)
         return Placement(best.worker_id, d, {w.worker_id: float(w.queued_prefill_tokens) for w in prefill},
                          cached, "load")

@@ -1,7 +1,7 @@
 """``round_robin``: the baseline that ignores both cache and load."""
 from __future__ import annotations
 
-from lmdisagg.router.policy import Placement, PlacementPolicy, PlacementRequest, WorkerLoad
+from lmdisagg.router.policy import Placement, PlacementPolicy, PlacementRequest, WorkerLoad, cached_on
 
 
 class RoundRobinPolicy(PlacementPolicy):
@@ -24,5 +24,5 @@ class RoundRobinPolicy(PlacementPolicy):
         else:
             d = decode[self._next_d % len(decode)].worker_id
             self._next_d += 1
-        cached = index.matched_prefix(p, req.chunk_keys).chunks if p in index else 0
+        cached = cached_on(index, p, req.chunk_keys)
         return Placement(p, d, {w.worker_id: float(w.worker_id == p) for w in prefill}, cached, "turn")
