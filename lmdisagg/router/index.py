@@ -82,7 +82,7 @@ class ChunkIndex:
         self._expect: list[int] = []        # next seq per slot
         self._stale: list[bool] = []
         self._pend: dict[bytes, int] = {}   # key -> mask of workers it was routed to
-        self._pend_until: dict[tuple[int, bytes], float] = {}
+        self._pend_until: list[dict[bytes, float]] = []  # slot -> {key: expiry} (GC-untracked)
         self._pend_q: deque[tuple[float, int, Sequence[bytes]]] = deque()
 
     # --- workers ------------------------------------------------------------------------------
@@ -103,8 +103,9 @@ class ChunkIndex:
             self._wkeys.append({})
             self._expect.append(0)
             self._stale.append(False)
+            self._pend_until.append({})
         self._slot[worker_id], self._wid[s] = s, worker_id
-        self._wkeys[s], self._expect[s], self._stale[s] = {}, 0, False
+        self._wkeys[s], self._expect[s], self._stale[s], self._pend_until[s] = {}, 0, False, {}
         self._all |= self._bit[s]
 
     def remove_worker(self, worker_id: str) -> int:
@@ -117,10 +118,9 @@ class ChunkIndex:
             for code in _codes(tiers):
                 self._clear_bit(self._tiers[code], key, s)
                 n += 1
-        for (ps, key) in [pk for pk in self._pend_until if pk[0] == s]:
-            del self._pend_until[(ps, key)]
+        for key in self._pend_until[s]:
             self._clear_bit(self._pend, key, s)
-        self._wkeys[s], self._wid[s] = {}, None
+        self._wkeys[s], self._wid[s], self._pend_until[s] = {}, None, {}
         self._all &= ~self._bit[s]
         self._free.append(s)
         return n
@@ -186,8 +186,7 @@ class ChunkIndex:
         d = self._tiers[code]
         old = d.get(key)
         d[key] = self._bit[s] if old is None else old | self._bit[s]
-        if (s, key) in self._pend_until:  # pending became real
-            del self._pend_until[(s, key)]
+        if self._pend_until[s].pop(key, None) is not None:  # pending became real
             self._clear_bit(self._pend, key, s)
         return True
 
@@ -221,21 +220,22 @@ class ChunkIndex:
         now = self.clock()
         self._expire(now)
         until = now + self.pending_ttl_s
-        bit, wk = self._bit[s], self._wkeys[s]
+        bit, wk, pu = self._bit[s], self._wkeys[s], self._pend_until[s]
         fresh = [k for k in keys if k not in wk]
         for k in fresh:
             old = self._pend.get(k)
             self._pend[k] = bit if old is None else old | bit
-            self._pend_until[(s, k)] = until
+            pu[k] = until
         self._pend_q.append((until, s, fresh))
 
     def _expire(self, now: float) -> None:
         q = self._pend_q
         while q and q[0][0] <= now:
             until, s, keys = q.popleft()
+            pu = self._pend_until[s]
             for k in keys:
-                if self._pend_until.get((s, k)) == until:
-                    del self._pend_until[(s, k)]
+                if pu.get(k) == until:
+                    del pu[k]
                     self._clear_bit(self._pend, k, s)
 
     # --- queries ------------------------------------------------------------------------------
