@@ -8,17 +8,23 @@ Per request (decode first, then prefill, so the transfer term knows its destinat
     match            = index.match_all(chunk_keys): per worker, the leading chunks it holds and
                        their fastest tier (gpu, cpu, disk, remote, or pending = routed there and
                        not yet reported); a stale worker's match counts stale_weight of itself
-    score(w)         = queued_prefill_tokens(w) / prefill_tokens_per_s             (wait)
-                       + min(load of the matched chunks by tier + prefill of the rest,
-                             prefill of the whole prompt)                          (compute)
-                       + transfer of the prompt's KV from w to d (0 when w == d)   (move)
-    guard            = workers whose queue exceeds the shortest by more than max_queue_gap_s of
-                       prefill are not chosen (a stale load snapshot must not pile work on a holder)
+    score(w)         = queued_prefill_tokens(w) / prefill_tokens_per_s                (wait)
+                       + work_mult * min(load of the matched chunks by tier + prefill of the
+                                         rest, prefill of the whole prompt)          (compute)
+                       + transfer of the prompt's KV from w to d (0 when w == d)      (move)
+    work_mult        = 1 + work_weight * min(rho / (1 - rho), 4), rho = share of prefill workers
+                       with queued work: GPU time spent here also delays the requests that will
+                       queue behind it (M/M/1: ~rho/(1-rho) of it), so under load a cached copy is
+                       worth more than this request's own TTFT says; idle clusters just minimise TTFT
+    guard            = workers whose queue exceeds the shortest by more than max_queue_gap_s (5 s)
+                       of prefill are not chosen, whatever their score (a backstop: a stale load
+                       snapshot or a mis-set cost model must not pile work on one holder)
     choose           argmin score; ties -> fewer indexed chunks, then fewer decisions so far
                      (spreads new prefixes evenly)
 
-``Placement.scores`` holds score(w) for every prefill candidate (seconds, lower wins), so any
-decision can be replayed by hand. After choosing, the prompt's keys are noted as pending on the
+``Placement.scores`` holds score(w) for every prefill candidate (seconds, lower wins) and
+``Placement.reason`` says which rule decided ("cache", "load" = no chunk cached on the winner,
+"guard"), so any decision can be replayed by hand; DEBUG logs print the best four scores. After choosing, the prompt's keys are noted as pending on the
 chosen worker (``ChunkIndex.note_routed``) so a burst sharing a new prefix follows it.
 """
 from __future__ import annotations
