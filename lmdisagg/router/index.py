@@ -222,6 +222,8 @@ class ChunkIndex:
         until = now + self.pending_ttl_s
         bit, wk, pu = self._bit[s], self._wkeys[s], self._pend_until[s]
         fresh = [k for k in keys if k not in wk]
+        if not fresh:
+            return
         for k in fresh:
             old = self._pend.get(k)
             self._pend[k] = bit if old is None else old | bit
