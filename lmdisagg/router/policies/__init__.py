@@ -1,0 +1,1 @@
+"""Placement policies, one per file; build them with ``lmdisagg.router.policy.make_policy``."""

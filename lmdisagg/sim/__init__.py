@@ -1,0 +1,1 @@
+"""Trace-driven simulation of placement: real policies and index, simulated workers and time."""
