@@ -64,6 +64,14 @@ class RouterSettings(_Strict):
     first_token_timeout_s: float = Field(300.0, gt=0, description="limit for prefill (queue + compute)")
     token_timeout_s: float = Field(60.0, gt=0, description="limit between two streamed tokens")
 
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from lmdisagg.router.policy import POLICIES
+        if v not in POLICIES:
+            raise ValueError(f"unknown placement policy {v!r}; choose one of {sorted(POLICIES)}")
+        return v
+
 
 class RaySettings(_Strict):
     address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://...'); None = "

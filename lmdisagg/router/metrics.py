@@ -20,6 +20,9 @@ class RouterMetrics:
         self.in_flight = Gauge("lmdisagg_requests_in_flight", "requests being served (queue depth)", registry=r)
         self.aborted = Counter("lmdisagg_requests_aborted", "requests aborted (client gone, error, timeout)", registry=r)
         self.placements = Counter("lmdisagg_placements", "placement decisions per worker and role", ["worker", "role"], registry=r)
+        self.prompt_chunks = Counter("lmdisagg_placement_prompt_chunks", "full chunks of placed prompts", registry=r)
+        self.predicted_cached_chunks = Counter("lmdisagg_placement_cached_chunks",
+                                               "of those, held by the chosen prefill worker (per the index)", registry=r)
         self.transfer_bytes = Gauge("lmdisagg_kv_transfer_bytes", "KV bytes pulled by decode workers (total)", ["worker"], registry=r)
         self.transfer_seconds = Gauge("lmdisagg_kv_transfer_seconds", "seconds spent pulling KV (total)", ["worker"], registry=r)
         self.transfer_failures = Gauge("lmdisagg_kv_transfer_failures", "failed KV pulls, recomputed (total)", ["worker"], registry=r)

@@ -21,6 +21,8 @@ from lmdisagg.engine.request import SamplingParams
 from lmdisagg.errors import (ContextLengthError, InvalidRequestError, LmdisaggError, TimeoutError_,
                              UnavailableError)
 from lmdisagg.kv.keys import chunk_keys
+from lmdisagg.router.events import KVEventBatch
+from lmdisagg.router.index import ChunkIndex
 from lmdisagg.router.metrics import RouterMetrics
 from lmdisagg.router.policy import PlacementRequest, WorkerLoad, make_policy
 from lmdisagg.workers.messages import GenerateRequest, TokenDelta, WorkerInfo, WorkerStats
@@ -71,7 +73,9 @@ class Router:
         self.chunk_tokens = info.chunk_tokens
         self.namespace = info.namespace
         self.policy = make_policy(self.config.router.policy)
-        self.index = None
+        self.index = ChunkIndex()  # chunk key -> prefill workers holding it (from KV events)
+        for w in self.prefill:
+            self.index.add_worker(w.worker_id)
         self.model_name = self.config.router.served_model_name or self.config.model
         self._poller: asyncio.Task | None = None
         self.in_flight = 0
@@ -101,13 +105,33 @@ class Router:
         async def one(w: WorkerRef):
             try:
                 w.stats = await asyncio.wait_for(w.actor.load.remote(), 5.0)
+                if not w.alive:
+                    log.warning("worker %s is answering again", w.worker_id)
                 w.alive = True
                 self.metrics.observe_worker(w.worker_id, w.stats)
             except Exception as e:  # noqa: BLE001
                 if w.alive:
                     log.error("worker %s stopped answering: %s", w.worker_id, e)
                 w.alive = False
+                return
+            await self._apply_events(w)
         await asyncio.gather(*(one(w) for w in self.workers))
+
+    async def _apply_events(self, w: WorkerRef) -> None:
+        need_resync = False
+        for data in w.stats.events:
+            try:
+                r = self.index.apply(KVEventBatch.from_msgpack(data))
+            except LmdisaggError as e:
+                log.error("bad KV event batch from %s: %s", w.worker_id, e)
+                need_resync = True
+                continue
+            need_resync = need_resync or r.need_resync
+        w.stats.events = []
+        if need_resync:
+            log.warning("KV events from %s had a gap; resyncing its index entries", w.worker_id)
+            snapshot = await asyncio.wait_for(w.actor.resync.remote(), 10.0)
+            self.index.apply(KVEventBatch.from_msgpack(snapshot))
 
     def healthy(self) -> bool:
         return bool([w for w in self.prefill if w.alive]) and (self.colocated or bool([w for w in self.decode if w.alive]))
@@ -147,7 +171,8 @@ class Router:
             out.append(WorkerLoad(w.worker_id,
                                   (s.queued_prefill_tokens if s else 0) + w.in_flight_tokens,
                                   (s.running if s else 0) + w.in_flight,
-                                  s.free_blocks if s else 0, s.total_blocks if s else 0))
+                                  s.free_blocks if s else 0, s.total_blocks if s else 0,
+                                  queued_requests=s.queued_requests if s else 0, node=w.info.node_ip))
         return out
 
     def place(self, req: GenerateRequest):
@@ -156,10 +181,14 @@ class Router:
         if not prefill or (decode is not None and not decode):
             raise UnavailableError("no live workers to serve the request")
         keys = chunk_keys(req.prompt_token_ids, self.chunk_tokens, self.namespace)
-        preq = PlacementRequest(req.request_id, keys, len(req.prompt_token_ids), req.prompt_token_ids)
+        preq = PlacementRequest(req.request_id, keys, len(req.prompt_token_ids), req.prompt_token_ids,
+                                req.params.max_tokens)
         placement = self.policy.choose(preq, prefill, decode, self.index)
-        log.debug("placed %s: prefill=%s decode=%s scores=%s", req.request_id, placement.prefill,
-                  placement.decode, placement.scores)
+        log.debug("placed %s: prefill=%s decode=%s cached_chunks=%d reason=%s scores=%s", req.request_id,
+                  placement.prefill, placement.decode, placement.cached_chunks, placement.reason,
+                  placement.scores)
+        self.metrics.predicted_cached_chunks.inc(placement.cached_chunks)
+        self.metrics.prompt_chunks.inc(len(keys))
         self.metrics.placements.labels(placement.prefill, "prefill").inc()
         if not self.colocated:
             self.metrics.placements.labels(placement.decode, "decode").inc()

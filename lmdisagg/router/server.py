@@ -69,7 +69,10 @@ class OpenAIServer:
         """Fresh per-worker load and counters (free/held KV blocks, tokens computed, transfers)."""
         r = self.router
         await r.poll_once()
-        body = {"in_flight": r.in_flight, "workers": {
+        index = {w.worker_id: {"keys": r.index.num_keys(w.worker_id), "stale": r.index.is_stale(w.worker_id)}
+                 for w in r.prefill}
+        body = {"in_flight": r.in_flight, "policy": r.policy.name, "placement": r.policy.counters.as_dict(),
+                "index": {"workers": index, "stats": r.index.stats.as_dict()}, "workers": {
             w.worker_id: {"role": w.info.role, "alive": w.alive, "running": w.stats.running,
                           "queued_prefill_tokens": w.stats.queued_prefill_tokens,
                           "free_blocks": w.stats.free_blocks, "total_blocks": w.stats.total_blocks,

@@ -77,3 +77,5 @@ class WorkerStats:
     free_blocks: int
     total_blocks: int
     stats: dict = field(default_factory=dict)  # engine counters (tokens computed, cached, ...)
+    queued_requests: int = 0        # requests waiting for admission
+    events: list[bytes] = field(default_factory=list)  # KVEventBatch.to_msgpack() since the last poll

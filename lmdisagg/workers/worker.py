@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import torch
 
 from lmdisagg.engine import Engine, EngineConfig
 from lmdisagg.engine.request import RequestOutput
 from lmdisagg.errors import LmdisaggError, TimeoutError_
+from lmdisagg.router.events import EventBatcher
 from lmdisagg.workers.engine_loop import EngineLoop
 from lmdisagg.workers.kv_transfer import KVTransfer, TransferError
 from lmdisagg.workers.messages import (GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerInfo,
@@ -61,7 +63,14 @@ class Worker:
         self.engine = engine
         if self.kv is not None:
             self.kv.register(engine.kv_buffer)
-        self.loop = EngineLoop(engine)
+        # KV events for the router's index: drained after every step into numbered batches, kept
+        # in a bounded outbox the router empties when it polls load() (overflow -> a seq gap ->
+        # the router asks for resync()).
+        self.batcher = EventBatcher(worker_id) if self.role != "decode" else None
+        self._outbox: deque[bytes] = deque(maxlen=4096)
+        if self.batcher is not None:
+            engine.enable_kv_events()
+        self.loop = EngineLoop(engine, after_step=self._collect_events if self.batcher else None)
         self.counters = {"requests": 0, "transfer_failures": 0, "recomputed_prompts": 0,
                          "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "reused_chunks": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
@@ -74,14 +83,30 @@ class Worker:
                           e.blocks.num_blocks, tuple(e.layout.__dict__.values()), e.namespace.digest(),
                           self.kv.name if self.kv else "none", ray.util.get_node_ip_address())
 
+    def _collect_events(self, e: Engine) -> None:
+        self.batcher.add(e.drain_kv_events())
+        b = self.batcher.flush()
+        if b is not None:
+            self._outbox.append(b.to_msgpack())
+
+    async def resync(self) -> bytes:
+        """A full snapshot of the chunks this worker holds (the router asks after a seq gap)."""
+        def snap(e: Engine) -> bytes:
+            self.batcher.add(e.drain_kv_events())
+            return self.batcher.resync().to_msgpack()
+        return await self.loop.call(snap)
+
     async def load(self) -> WorkerStats:
         def snap(e: Engine) -> WorkerStats:
             queued = sum(len(s) - s.num_computed_tokens for s in e.scheduler.waiting)
             st = dict(e.stats.__dict__)
             st.pop("extra", None)
             st.update(self.counters, held=len(e.held), cached_blocks=e.blocks.num_cached)
+            events = []
+            while self._outbox:
+                events.append(self._outbox.popleft())
             return WorkerStats(self.worker_id, queued, len(e.scheduler.running), e.blocks.num_free,
-                              e.blocks.num_blocks, st)
+                               e.blocks.num_blocks, st, len(e.scheduler.waiting), events)
         return await self.loop.call(snap)
 
     async def abort(self, request_id: str) -> bool:
