@@ -1,25 +1,56 @@
-"""The workers' view of a transport: move whole KV blocks between two engines' caches.
+"""The workers' view of a transport (``lmdisagg.transports``): move whole KV blocks between two
+engines' caches.
 
-    source (prefill):  register(kv_buffer) once → describe(block_ids) → descriptor in the KVHandle
-    destination:       register(kv_buffer) once → pull(descriptor, src_indices, dst_block_ids, timeout)
+    source (prefill):  KVTransfer.create(settings) → engine built with ``allocator`` (the medium may
+                       own the cache memory) → register(kv_buffer) once → describe(block_ids)
+    destination:       same creation and registration → pull(desc, src_indices, dst_block_ids, timeout)
 
 ``pull`` blocks (workers call it from a thread, never the engine's) and either completes or
-raises TransferError within ``timeout``.
+raises TransferError within ``timeout``; on failure the destination blocks are no longer written.
 """
 from __future__ import annotations
 
-from lmdisagg.errors import LmdisaggError
+from dataclasses import replace
 
+import torch
 
-class TransferError(LmdisaggError):
-    status = 502
-    type = "kv_transfer_error"
+from lmdisagg.transports import ChunkDesc, TransferError, create_transport
+
+__all__ = ["KVTransfer", "TransferError"]
 
 
 class KVTransfer:
-    name = "none"
-    allocator = None
+    def __init__(self, settings: dict, worker_id: str):
+        self.name = settings.get("name", "shm")
+        opts = {"checksum": bool(settings.get("checksum", False))}
+        if self.name == "mooncake":
+            opts["protocol"] = settings.get("protocol", "tcp")
+        self.transport = create_transport(self.name, **opts)
+        self.worker_id = worker_id
+        self.buffer = None
+        self.block_nbytes = 0
 
     @classmethod
     def create(cls, settings: dict, worker_id: str) -> "KVTransfer":
-        raise TransferError(f"transport {settings.get('name')!r} is not available yet")
+        return cls(settings, worker_id)
+
+    @property
+    def allocator(self):
+        """``Engine(kv_allocator=...)``: the cache lives in memory this medium moves best."""
+        return self.transport.allocate
+
+    def register(self, kv_buffer: torch.Tensor) -> None:
+        self.buffer = self.transport.register(kv_buffer)
+        self.block_nbytes = kv_buffer[0].numel() * kv_buffer.element_size()
+
+    def describe(self, block_ids: list[int]) -> ChunkDesc:
+        return self.transport.describe(self.buffer, block_ids, self.block_nbytes)
+
+    def pull(self, desc: ChunkDesc, src_indices: list[int], dst_block_ids: list[int], timeout: float) -> None:
+        """Copy blocks ``desc.block_ids[i] for i in src_indices`` into ``dst_block_ids``."""
+        sub = replace(desc, block_ids=tuple(desc.block_ids[i] for i in src_indices),
+                      checksums=tuple(desc.checksums[i] for i in src_indices) if desc.checksums else ())
+        self.transport.pull(sub, self.buffer, dst_block_ids).wait(timeout)
+
+    def close(self) -> None:
+        self.transport.close()

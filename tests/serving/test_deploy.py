@@ -1,12 +1,15 @@
 """Deployments through the Python API, `ray job submit`, and where everything listens."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,48 +66,67 @@ def test_python_pipeline(local_ray, engine, mode):
     assert names and pipe.actors == []
 
 
-def test_ray_job_submit(tmp_path):
-    """A real head on 127.0.0.1, `lmdisagg serve` submitted as a job with --working-dir."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def test_ray_job_submit():
+    """A real head on 127.0.0.1 and the README's `ray job submit --working-dir . -- lmdisagg serve`."""
     from openai import OpenAI
-    venv_bin = str(Path(sys.executable).parent)  # the job's shell finds `lmdisagg` where a user's would
+    venv_bin = Path(sys.executable).parent  # the job's shell finds `lmdisagg` where a user's would
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+           "PATH": str(venv_bin) + os.pathsep + os.environ.get("PATH", "")}
     gcs, dash, port = free_port(), free_port(), free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
+    ray_bin = str(venv_bin / "ray")
+    address = f"http://127.0.0.1:{dash}"
+    temp = tempfile.mkdtemp(prefix="lmd-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
-    os.environ["RAY_AUTH_MODE"] = "token"
+                             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+
+    def ray_job(*args, timeout=120) -> tuple[int, str]:
+        r = subprocess.run([ray_bin, "job", args[0], "--address", address, *args[1:]], capture_output=True, text=True,
+                           env=env, cwd=ROOT, timeout=timeout)
+        return r.returncode, r.stdout + r.stderr  # the CLI reports on stderr
     try:
-        def client():
-            try:
-                return JobSubmissionClient(f"http://127.0.0.1:{dash}")
-            except Exception:  # noqa: BLE001 - dashboard still starting
-                return None
-        jc = wait_until(client, 120, 1.0)
-        job = jc.submit_job(entrypoint=f"lmdisagg serve --config cluster_configs/local-cpu.yaml --port {port}",
-                            runtime_env={"working_dir": str(ROOT), "excludes": [".venv", ".git", "benchmarks/results"]})
-        url = wait_until(lambda: (m := re.search(r"serving .* at (http://\S+/v1)", jc.get_job_logs(job))) and m.group(1)
-                         or (jc.get_job_status(job).is_terminal() and pytest.fail(jc.get_job_logs(job))), 300, 1.0)
+        wait_until(lambda: ray_job("list")[0] == 0, 120, 1.0)
+
+        outputs = []
+
+        def submit():  # the head's job agent may need a moment more than its HTTP server
+            rc, out = ray_job("submit", "--working-dir", ".", "--no-wait", "--", "lmdisagg", "serve",
+                              "--config", "cluster_configs/local-cpu.yaml", "--port", str(port))
+            outputs.append(out)
+            m = re.search(r"(raysubmit_\w+)", out)
+            return m.group(1) if rc == 0 and m else None
+        try:
+            job = wait_until(submit, 180, 3.0)
+        except AssertionError:
+            pytest.fail("ray job submit kept failing:\n" + outputs[-1][-3000:])
+
+        def up():
+            logs = ray_job("logs", job)[1]
+            m = re.search(r"serving .* at (http://\S+/v1)", logs)
+            if m:
+                return m.group(1)
+            if any(s in ray_job("status", job)[1] for s in ("FAILED", "STOPPED", "SUCCEEDED")):
+                pytest.fail("job ended early:\n" + logs[-3000:])
+        try:
+            url = wait_until(up, 300, 2.0)
+        except AssertionError:
+            pytest.fail("job did not come up:\n" + ray_job("logs", job)[1][-4000:])
         assert url == f"http://127.0.0.1:{port}/v1"
         r = OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
             model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0)
         assert r.choices[0].message.content and r.usage.completion_tokens <= 12
-        jc.stop_job(job)
-        status = wait_until(lambda: (s := jc.get_job_status(job)).is_terminal() and s, 120, 1.0)
-        assert status in (JobStatus.STOPPED, JobStatus.SUCCEEDED)
-        assert "stopped" in jc.get_job_logs(job)  # serve tore its actors down on SIGTERM
+        assert ray_job("stop", job, timeout=180)[0] == 0
+        status = ray_job("status", job)[1]
+        assert "was stopped" in status or "STOPPED" in status, status
+        assert "lmdisagg: stopped" in ray_job("logs", job)[1]  # serve tore its actors down on SIGTERM
     finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_everything_listens_on_loopback(served):
@@ -120,5 +142,8 @@ def test_everything_listens_on_loopback(served):
         listening += [(p.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
     assert len(procs) > 3 and listening  # the router, GCS, raylet, workers ...
     assert any(port == int(served.url.rsplit(":", 1)[1].split("/")[0]) for _, _, port in listening)
-    outside = [x for x in listening if x[1] not in ("127.0.0.1", "::1")]
+    def loopback(ip: str) -> bool:
+        a = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(a, "ipv4_mapped", None) or a).is_loopback
+    outside = [x for x in listening if not loopback(x[1])]
     assert outside == [], outside
