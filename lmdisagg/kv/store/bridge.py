@@ -1,0 +1,294 @@
+"""StoreBridge: the engine ↔ TieredStore seam a worker calls around its step loop.
+
+All calls come from the step-loop thread and none waits on disk or network (``load``,
+``generate``, ``flush`` and ``close`` are the blocking conveniences, for offline use and shutdown)::
+
+    bridge = StoreBridge(engine, store)               turns on the engine's KV events
+    loop:
+        bridge.start_load(rid, prompt_ids)            1. a new request: look its missing chunks up
+        for r in bridge.poll():                       2-4. loads that finished (LoadResult)
+            engine.add_request(r.request_id, prompt_ids, params)  ... computes only the rest
+        outputs = engine.step()
+        events = bridge.after_step()                  5. offload new chunks; forward events to the router
+    bridge.close()
+
+A load walks a small state machine (a failure or the deadline at any point ends it with what has
+arrived, maybe nothing, and the request simply recomputes)::
+
+    LOOKUP  I/O thread: which tier holds each chunk the engine lacks (longest unbroken run)
+    FETCH   step thread reserves engine blocks; I/O threads read each chunk into its block
+    DONE    step thread commits the blocks that arrived (named in the engine's prefix cache)
+
+A fetch still running at the deadline keeps its blocks reserved until it ends, then commits them
+(they are correct chunks) or frees them: a late write never lands in a reused block.
+
+Offload: each chunk the engine names ("stored" event) is pinned in the engine, copied into the
+store by an I/O thread (L2, and L3/L4 with write-through), then unpinned by a later
+``after_step``. At most ``max_inflight_offloads`` chunks are held that way; beyond that new chunks
+are not offloaded (counted), so a slow tier can never starve the engine of blocks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from lmdisagg.errors import OutOfBlocksError, TimeoutError_
+from lmdisagg.kv.keys import KEY_SCHEME_VERSION, ChunkKey
+from lmdisagg.kv.store.buffers import as_bytes
+from lmdisagg.kv.store.tiered import TieredStore
+
+log = logging.getLogger(__name__)
+
+
+def store_namespace(engine) -> str:
+    """The tiers' namespace for an engine: key scheme version + model/dtype/layout digest."""
+    return f"v{KEY_SCHEME_VERSION}-{engine.namespace.digest().hex()}"
+
+
+@dataclass
+class LoadResult:
+    """How a request's prompt was served from the cache, reported once its load is done."""
+
+    request_id: str
+    prompt_chunks: int            # full chunks the store could supply (the last is always computed)
+    engine_chunks: int            # already in the engine's prefix cache (L1) at start_load
+    served: dict[str, int]        # chunks imported from each tier ("cpu", "disk", "redis")
+    cached_chunks: int            # leading chunks the engine holds now (what admission will reuse)
+    timed_out: bool = False       # the deadline passed before every chunk arrived
+    failed: int = 0               # chunks a tier listed but did not deliver (gone, corrupt, error)
+    seconds: float = 0.0          # start_load -> done
+
+    @property
+    def imported_chunks(self) -> int:
+        return sum(self.served.values())
+
+
+@dataclass
+class _Load:
+    rid: str
+    keys: list[ChunkKey]                 # the prompt's fetchable chunk keys
+    n_engine: int                        # leading keys the engine had at start
+    engine_blocks: list[int]             # those blocks, pinned in the engine during the load
+    t0: float
+    deadline: float
+    lookup: Future | None = None
+    reserved: dict[ChunkKey, int] = field(default_factory=dict)
+    fetches: dict[ChunkKey, Future] = field(default_factory=dict)
+
+
+class StoreBridge:
+    def __init__(self, engine, store: TieredStore, *, load_timeout_s: float = 2.0,
+                 max_inflight_offloads: int = 64):
+        self.engine = engine
+        self.store = store
+        self.load_timeout_s = load_timeout_s
+        self.max_inflight_offloads = max_inflight_offloads
+        self._loads: dict[str, _Load] = {}
+        self._done: list[LoadResult] = []
+        self._orphans: list[_Load] = []
+        self._offloads: list[tuple[Future, list[int]]] = []
+        self.offloaded = 0            # chunks handed to the store
+        self.offloads_skipped = 0     # chunks not offloaded: too many in flight
+        self.offload_errors = 0
+        engine.enable_kv_events()
+
+    # --- loads ------------------------------------------------------------------------------------
+    def start_load(self, request_id: str, token_ids: list[int], timeout_s: float | None = None) -> None:
+        """Begin fetching the prompt's missing leading chunks; its LoadResult comes from ``poll``."""
+        t = self.engine.layout.chunk_tokens
+        keys = self.engine.chunk_keys(token_ids)[:max(0, (len(token_ids) - 1) // t)]
+        n = self.engine.cached_prefix(keys)
+        now = time.perf_counter()
+        load = _Load(request_id, keys, n, [], now, now + (timeout_s or self.load_timeout_s))
+        if n == len(keys) or not self.store.tiers:
+            self._done.append(self._result(load))
+            return
+        load.engine_blocks = self.engine.pin_chunks(keys[:n])  # keep the head while the tail comes
+        load.lookup = self.store.submit_fetch(self.store.lookup, keys[n:])
+        self._loads[request_id] = load
+
+    def poll(self) -> list[LoadResult]:
+        """Advance every load; returns those now done (admit their requests next)."""
+        now = time.perf_counter()
+        for load in list(self._loads.values()):
+            if load.lookup is not None:
+                if load.lookup.done():
+                    self._reserve_and_fetch(load)
+                elif now > load.deadline:
+                    self._finish(load, timed_out=True)
+                    continue
+            if load.lookup is None and load.rid in self._loads:
+                if all(f.done() for f in load.fetches.values()):
+                    self._finish(load)
+                elif now > load.deadline:
+                    self._finish(load, timed_out=True)
+        self._reap_orphans()
+        done, self._done = self._done, []
+        return done
+
+    def _reserve_and_fetch(self, load: _Load) -> None:
+        f, load.lookup = load.lookup, None
+        try:
+            where = f.result()
+        except Exception:  # a bug below must not take the request down: recompute
+            log.exception("KV store lookup failed")
+            where = []
+        todo = load.keys[load.n_engine:load.n_engine + len(where)]
+        try:
+            load.reserved = self.engine.reserve_chunks(todo) if todo else {}
+        except OutOfBlocksError:
+            load.reserved = {}
+        for i, k in enumerate(todo):
+            if k in load.reserved:
+                out = as_bytes(self.engine.kv_buffer[load.reserved[k]])  # [L, 2, T, H_kv, D] as bytes
+                load.fetches[k] = self.store.submit_fetch(self.store.get, k, out, where[i], promote=False)
+
+    def _settle(self, load: _Load) -> tuple[dict[str, int], int]:
+        """Commit fetched blocks, free the rest (all fetches done). -> (served per tier, failed)."""
+        served: dict[str, int] = {}
+        ok, bad = {}, {}
+        for k, b in load.reserved.items():
+            f = load.fetches.get(k)
+            got = f.result() if f is not None and f.exception() is None else None
+            if got is None:
+                bad[k] = b
+            else:
+                ok[k] = b
+                served[got[0]] = served.get(got[0], 0) + 1
+        self.engine.commit_chunks(ok)
+        self.engine.release_reserved(bad)
+        load.reserved = {}
+        return served, len(bad)
+
+    def _finish(self, load: _Load, timed_out: bool = False) -> None:
+        del self._loads[load.rid]
+        served, failed = {}, 0
+        if timed_out and any(not f.done() for f in load.fetches.values()):
+            self._orphans.append(load)  # its blocks stay reserved until its reads end
+        elif load.reserved:
+            served, failed = self._settle(load)
+        self.engine.unpin_chunks(load.engine_blocks)
+        self._done.append(self._result(load, served, failed, timed_out))
+
+    def _result(self, load: _Load, served=None, failed: int = 0, timed_out: bool = False) -> LoadResult:
+        return LoadResult(load.rid, len(load.keys), load.n_engine, served or {},
+                          self.engine.cached_prefix(load.keys), timed_out, failed,
+                          time.perf_counter() - load.t0)
+
+    def _reap_orphans(self) -> None:
+        for load in list(self._orphans):
+            if all(f.done() for f in load.fetches.values()):
+                self._orphans.remove(load)
+                self._settle(load)
+
+    def load(self, request_id: str, token_ids: list[int], timeout_s: float | None = None) -> LoadResult:
+        """Blocking ``start_load`` + ``poll`` until this load is done (offline use, tests)."""
+        self.start_load(request_id, token_ids, timeout_s)
+        while True:
+            for r in self.poll():
+                if r.request_id == request_id:
+                    return r
+                self._done.append(r)
+            time.sleep(0.0005)
+
+    # --- offload ----------------------------------------------------------------------------------
+    def after_step(self, events: list | None = None) -> list[tuple[str, ChunkKey]]:
+        """Offload newly stored chunks (async) and unpin finished ones. Drains the engine's KV
+        events unless the worker passes the ones it drained; returns them (for the router)."""
+        if events is None:
+            events = self.engine.drain_kv_events()
+        self._reap_offloads()
+        if self.store.tiers:
+            for kind, key in events:
+                if kind != "stored" or not self.engine.cached_prefix([key]):
+                    continue
+                if len(self._offloads) >= self.max_inflight_offloads:
+                    self.offloads_skipped += 1
+                    continue
+                blocks = self.engine.pin_chunks([key])
+                f = self.store.submit_put(key, self.engine.kv_buffer[blocks[0]])
+                self._offloads.append((f, blocks))
+                self.offloaded += 1
+        self._reap_orphans()
+        return events
+
+    def _reap_offloads(self) -> None:
+        keep = []
+        for f, blocks in self._offloads:
+            if f.done():
+                if f.exception() is not None:
+                    self.offload_errors += 1
+                self.engine.unpin_chunks(blocks)
+            else:
+                keep.append((f, blocks))
+        self._offloads = keep
+
+    def pending(self) -> int:
+        """Loads, orphaned fetches and offloads still in flight."""
+        return len(self._loads) + len(self._orphans) + len(self._offloads)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every offload is in the store and unpinned (tests, shutdown); False on timeout."""
+        deadline = time.perf_counter() + timeout_s
+        while self._offloads or self._orphans:
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(0.001)
+            self._reap_offloads()
+            self._reap_orphans()
+        return self.store.flush(max(0.0, deadline - time.perf_counter()))
+
+    def pin_prefix(self, token_ids: list[int]) -> list[ChunkKey]:
+        """Pin the chunks of a prefix (a system prompt) in every tier, now and when they arrive.
+        The tier calls run on an I/O thread; returns the keys (for ``unpin_prefix``)."""
+        keys = self.engine.chunk_keys(token_ids)
+        self.store.submit_fetch(self.store.pin, keys)
+        return keys
+
+    def unpin_prefix(self, keys: list[ChunkKey]) -> None:
+        self.store.submit_fetch(self.store.unpin, keys)
+
+    def generate(self, prompts: list[list[int]], params, timeout_s: float = 600.0) -> list[tuple]:
+        """Offline: run token-id prompts through load → admit → step → offload to completion.
+        -> [(GenerationResult, LoadResult)] in prompt order; ``ttft_s`` counts from the load."""
+        from lmdisagg.engine.llm_engine import GenerationResult
+        rids = [f"store-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        by_rid = dict(zip(rids, prompts))
+        res = {r: GenerationResult(r, "", [], len(p), 0, None) for r, p in by_rid.items()}
+        loads: dict[str, LoadResult] = {}
+        t0 = time.perf_counter()
+        for r, p in by_rid.items():
+            self.start_load(r, p)
+        while any(g.finish_reason is None for g in res.values()):
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError_(f"generate did not finish in {timeout_s}s")
+            for lr in self.poll():
+                loads[lr.request_id] = lr
+                self.engine.add_request(lr.request_id, by_rid[lr.request_id], params)
+            outs = self.engine.step()
+            self.after_step()
+            if not outs:
+                time.sleep(0.0005)  # waiting on loads, or on offload pins to free blocks
+            for o in outs:
+                g = res[o.request_id]
+                if not g.token_ids:
+                    g.ttft_s = time.perf_counter() - t0
+                g.token_ids += o.new_token_ids
+                g.text += o.text_delta
+                g.cached_tokens = o.cached_tokens
+                if o.finished:
+                    g.finish_reason = o.finish_reason
+                    g.e2e_s = time.perf_counter() - t0
+        return [(res[r], loads[r]) for r in rids]
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish loads and offloads (up to the timeout) and drop every engine pin the bridge
+        holds. Does not close the store (its owner does)."""
+        deadline = time.perf_counter() + timeout_s
+        while self._loads and time.perf_counter() < deadline:
+            self.poll()
+            time.sleep(0.001)
+        self.flush(max(0.0, deadline - time.perf_counter()))
+        self.engine.enable_kv_events(False)
