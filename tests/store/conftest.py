@@ -102,3 +102,15 @@ def no_thread_leak():
             return
         time.sleep(0.05)
     raise AssertionError(f"threads leaked: {extra}")
+
+
+def make_prompt(engine, n_tokens: int, seed: int) -> list[int]:
+    """Deterministic English-ish text of exactly ``n_tokens`` tokens."""
+    import random
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly box jam near "
+             "old river banks under grey autumn skies").split()
+    rng = random.Random(seed)
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids += engine.encode(" ".join(rng.choice(words) for _ in range(64)) + ".")
+    return ids[:n_tokens]
