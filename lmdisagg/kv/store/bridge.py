@@ -201,7 +201,9 @@ class StoreBridge:
             events = self.engine.drain_kv_events()
         self._reap_offloads()
         if self.store.tiers:
-            for kind, key in events:
+            # newest first: a prompt's tail reaches each tier's LRU before its head, so the head
+            # (without which the tail is useless) is evicted last
+            for kind, key in reversed(events):
                 if kind != "stored" or not self.engine.cached_prefix([key]):
                     continue
                 if len(self._offloads) >= self.max_inflight_offloads:
