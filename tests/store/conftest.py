@@ -86,6 +86,13 @@ def own_redis(tmp_path):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def eng():
+    """9 chunks of 16 tokens hold exactly one 130-token request: the next prompt evicts it."""
+    from lmdisagg.engine import Engine
+    return Engine(model="smollm2-135m", chunk_tokens=16, num_blocks=9, max_model_len=9 * 16)
+
+
 @pytest.fixture
 def namespace() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"

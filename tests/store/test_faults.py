@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lmdisagg.engine import Engine, SamplingParams
+from lmdisagg.engine import SamplingParams
 from lmdisagg.kv.store import StoreBridge, TieredStore, store_namespace
 from lmdisagg.kv.store.disk import DiskTier
 from lmdisagg.kv.store.host import HostTier
@@ -18,12 +18,6 @@ from tests.store.conftest import make_prompt
 
 T = 16                                   # small chunks: many of them, quick to compute
 PARAMS = SamplingParams(max_tokens=4, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def eng():
-    """9 chunks of 16 tokens hold exactly one 130-token request: the next prompt evicts it."""
-    return Engine(model="smollm2-135m", chunk_tokens=T, num_blocks=9, max_model_len=9 * T)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,18 @@ All calls come from the step-loop thread and none waits on disk or network (``lo
 ``generate``, ``flush`` and ``close`` are the blocking conveniences, for offline use and shutdown)::
 
     bridge = StoreBridge(engine, store)               turns on the engine's KV events
+    bridge.add_request(rid, prompt_ids, params)       1. instead of engine.add_request: validates now
+                                                         (typed errors), starts the chunk lookup
     loop:
-        bridge.start_load(rid, prompt_ids)            1. a new request: look its missing chunks up
-        for r in bridge.poll():                       2-4. loads that finished (LoadResult)
-            engine.add_request(r.request_id, prompt_ids, params)  ... computes only the rest
+        for r in bridge.poll(): ...                   2-4. loads done: their requests are now in the
+                                                         engine (r.error if add_request refused one)
         outputs = engine.step()
         events = bridge.after_step()                  5. offload new chunks; forward events to the router
+    bridge.abort(rid)                                 any time: a loading request is dropped
     bridge.close()
+
+(``start_load`` + ``poll`` without ``add_request`` is the same walk for a caller that admits
+requests itself.)
 
 A load walks a small state machine (a failure or the deadline at any point ends it with what has
 arrived, maybe nothing, and the request simply recomputes)::
@@ -34,7 +39,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from lmdisagg.errors import OutOfBlocksError, TimeoutError_
+from lmdisagg.errors import InvalidRequestError, LmdisaggError, OutOfBlocksError, TimeoutError_
 from lmdisagg.kv.keys import KEY_SCHEME_VERSION, ChunkKey
 from lmdisagg.kv.store.buffers import as_bytes
 from lmdisagg.kv.store.tiered import TieredStore
@@ -59,6 +64,7 @@ class LoadResult:
     timed_out: bool = False       # the deadline passed before every chunk arrived
     failed: int = 0               # chunks a tier listed but did not deliver (gone, corrupt, error)
     seconds: float = 0.0          # start_load -> done
+    error: Exception | None = None  # engine.add_request refused the request (bridge.add_request)
 
     @property
     def imported_chunks(self) -> int:
@@ -89,12 +95,31 @@ class StoreBridge:
         self._done: list[LoadResult] = []
         self._orphans: list[_Load] = []
         self._offloads: list[tuple[Future, list[int]]] = []
+        self._pending: dict[str, tuple[list[int], object]] = {}  # rid -> (prompt, params) to admit
+        self.loads = 0                # loads finished
+        self.timeouts = 0             # of those, ended by their deadline
+        self.served: dict[str, int] = {}  # chunks imported per tier, all loads
         self.offloaded = 0            # chunks handed to the store
         self.offloads_skipped = 0     # chunks not offloaded: too many in flight
         self.offload_errors = 0
         engine.enable_kv_events()
 
     # --- loads ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, token_ids: list[int], params) -> None:
+        """``engine.add_request`` after the prompt's cached chunks are loaded. Raises the engine's
+        typed errors now (nothing queued); the request enters the engine in a later ``poll``."""
+        if request_id in self._pending or request_id in self.engine.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        self.engine.validate(token_ids, params)
+        self._pending[request_id] = (list(token_ids), params)
+        self.start_load(request_id, token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request that is loading (its fetched chunks still land in the cache) or running."""
+        if self._pending.pop(request_id, None) is not None:
+            return True
+        return self.engine.abort(request_id)
+
     def start_load(self, request_id: str, token_ids: list[int], timeout_s: float | None = None) -> None:
         """Begin fetching the prompt's missing leading chunks; its LoadResult comes from ``poll``."""
         t = self.engine.layout.chunk_tokens
@@ -110,7 +135,27 @@ class StoreBridge:
         self._loads[request_id] = load
 
     def poll(self) -> list[LoadResult]:
-        """Advance every load; returns those now done (admit their requests next)."""
+        """Advance every load; returns those now done, their requests (from ``add_request``)
+        added to the engine."""
+        self._advance()
+        done, self._done = self._done, []
+        for r in done:
+            self._account(r)
+        return done
+
+    def _account(self, r: LoadResult) -> None:
+        self.loads += 1
+        self.timeouts += r.timed_out
+        for tier, n in r.served.items():
+            self.served[tier] = self.served.get(tier, 0) + n
+        req = self._pending.pop(r.request_id, None)
+        if req is not None:
+            try:
+                self.engine.add_request(r.request_id, req[0], req[1])
+            except LmdisaggError as e:  # e.g. out of blocks now: the caller reports it
+                r.error = e
+
+    def _advance(self) -> None:
         now = time.perf_counter()
         for load in list(self._loads.values()):
             if load.lookup is not None:
@@ -125,8 +170,6 @@ class StoreBridge:
                 elif now > load.deadline:
                     self._finish(load, timed_out=True)
         self._reap_orphans()
-        done, self._done = self._done, []
-        return done
 
     def _reserve_and_fetch(self, load: _Load) -> None:
         f, load.lookup = load.lookup, None
@@ -187,10 +230,12 @@ class StoreBridge:
         """Blocking ``start_load`` + ``poll`` until this load is done (offline use, tests)."""
         self.start_load(request_id, token_ids, timeout_s)
         while True:
-            for r in self.poll():
+            self._advance()
+            for i, r in enumerate(self._done):
                 if r.request_id == request_id:
+                    del self._done[i]
+                    self._account(r)
                     return r
-                self._done.append(r)
             time.sleep(0.0005)
 
     # --- offload ----------------------------------------------------------------------------------
@@ -227,6 +272,12 @@ class StoreBridge:
                 keep.append((f, blocks))
         self._offloads = keep
 
+    def stats(self) -> dict:
+        """Counters for /stats and metrics: loads, hits per tier, offloads, and the store's."""
+        return {"loads": self.loads, "load_timeouts": self.timeouts, "served_chunks": dict(self.served),
+                "offloaded": self.offloaded, "offloads_skipped": self.offloads_skipped,
+                "offload_errors": self.offload_errors, "store": self.store.stats()}
+
     def pending(self) -> int:
         """Loads, orphaned fetches and offloads still in flight."""
         return len(self._loads) + len(self._orphans) + len(self._offloads)
@@ -262,13 +313,16 @@ class StoreBridge:
         loads: dict[str, LoadResult] = {}
         t0 = time.perf_counter()
         for r, p in by_rid.items():
-            self.start_load(r, p)
+            self.add_request(r, p, params)
         while any(g.finish_reason is None for g in res.values()):
             if time.perf_counter() - t0 > timeout_s:
+                for r in rids:
+                    self.abort(r)
                 raise TimeoutError_(f"generate did not finish in {timeout_s}s")
             for lr in self.poll():
                 loads[lr.request_id] = lr
-                self.engine.add_request(lr.request_id, by_rid[lr.request_id], params)
+                if lr.error is not None:
+                    raise lr.error
             outs = self.engine.step()
             self.after_step()
             if not outs:
@@ -289,8 +343,12 @@ class StoreBridge:
         """Finish loads and offloads (up to the timeout) and drop every engine pin the bridge
         holds. Does not close the store (its owner does)."""
         deadline = time.perf_counter() + timeout_s
+        self._pending.clear()  # nothing more enters the engine through us
         while self._loads and time.perf_counter() < deadline:
-            self.poll()
+            self._advance()
             time.sleep(0.001)
+        for load in list(self._loads.values()):
+            self._finish(load, timed_out=True)
+        self._done.clear()
         self.flush(max(0.0, deadline - time.perf_counter()))
         self.engine.enable_kv_events(False)

@@ -1,0 +1,67 @@
+"""The bridge as a worker drives it: add_request → poll → step → after_step, abort, stats."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lmdisagg.engine import SamplingParams
+from lmdisagg.errors import InvalidRequestError
+from lmdisagg.kv.store import StoreBridge, TieredStore, store_namespace
+from lmdisagg.kv.store.disk import DiskTier
+from lmdisagg.kv.store.host import HostTier
+
+from tests.store.conftest import make_prompt
+
+PARAMS = SamplingParams(max_tokens=3, ignore_eos=True)
+
+
+def drive(bridge, rids, timeout_s=120):
+    """A worker's loop until the given requests finish; -> {rid: (tokens, cached_tokens)}."""
+    got = {r: ([], 0) for r in rids}
+    done = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for r in bridge.poll():
+            assert r.error is None
+        outs = bridge.engine.step()
+        if not outs:
+            time.sleep(0.001)
+        for o in outs:
+            toks, _ = got[o.request_id]
+            got[o.request_id] = (toks + o.new_token_ids, o.cached_tokens)
+            if o.finished:
+                done.add(o.request_id)
+        bridge.after_step()
+        if done == set(rids):
+            return got
+    raise AssertionError("requests did not finish")
+
+
+def test_worker_loop_admits_after_load_and_abort_drops_a_loading_request(eng, tmp_path, no_thread_leak):
+    store = TieredStore([HostTier(1 << 28), DiskTier(tmp_path, store_namespace(eng), 1 << 28)])
+    bridge = StoreBridge(eng, store, load_timeout_s=10)
+    p = make_prompt(eng, 8 * 16 + 5, seed=31)
+    q = make_prompt(eng, 8 * 16 + 5, seed=32)
+    with pytest.raises(InvalidRequestError):
+        bridge.add_request("bad", [], PARAMS)          # validated at once, nothing queued
+    bridge.add_request("p1", p, PARAMS)
+    with pytest.raises(InvalidRequestError):
+        bridge.add_request("p1", p, PARAMS)
+    cold = drive(bridge, ["p1"])["p1"]
+    assert bridge.flush(30)
+    bridge.add_request("q1", q, PARAMS)
+    drive(bridge, ["q1"])                              # evicts p from the 9-block engine
+    assert bridge.flush(30)
+    bridge.add_request("p2", p, PARAMS)
+    bridge.add_request("gone", q, PARAMS)
+    assert bridge.abort("gone")                        # aborted while its chunks load
+    warm = drive(bridge, ["p2"])["p2"]
+    assert warm == (cold[0], 8 * 16)
+    assert "gone" not in eng.seqs and not bridge.abort("gone")
+    st = bridge.stats()
+    assert st["loads"] == 4 and st["served_chunks"] == {"cpu": 8} and st["offloaded"] >= 16
+    assert st["store"].tiers[0].hits == 8
+    bridge.close()
+    store.close()
+    assert eng.blocks.num_free == eng.blocks.num_blocks
