@@ -139,7 +139,7 @@ def bench_context(args, ctx: int, redis_url: str | None) -> dict:
     if redis_url:
         from lmdisagg.kv.store.redis_tier import RedisTier
         tiers.append(RedisTier(redis_url, ns, op_timeout_s=30))
-    full = TieredStore(tiers)
+    full = TieredStore(tiers, io_threads=args.io_threads)
     bridge = StoreBridge(engine, full, load_timeout_s=120)
     flood_l1(engine)
     ref, _ = timed(bridge, prompt)  # computes it and writes it through to every tier
@@ -155,7 +155,7 @@ def bench_context(args, ctx: int, redis_url: str | None) -> dict:
         from lmdisagg.kv.store.redis_tier import RedisTier
         stores.append(("L4 redis", [RedisTier(redis_url, ns, op_timeout_s=30)], "redis", None))
     for name, tiers, expect, extra in stores:
-        store = TieredStore(tiers)
+        store = TieredStore(tiers, io_threads=args.io_threads)
         bridge = StoreBridge(engine, store, load_timeout_s=120)
         before = (lambda t=tiers[0]: drop_page_cache(t, keys)) if extra == "drop" else None
         measure(name, bridge, expect, before)
@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--io-threads", type=int, default=4, help="store I/O threads (reads run in parallel)")
     ap.add_argument("--redis-url", default=None, help="default: start redis-server on 127.0.0.1 if installed")
     ap.add_argument("--no-redis", action="store_true")
     ap.add_argument("--disk-path", default=None, help="L3 directory (default: a temp dir, removed after)")
@@ -225,7 +226,7 @@ def main() -> None:
             print("no redis-py or redis-server here: skipping the L4 row")
     try:
         result = {"model": args.model, "device": args.device, "hardware": args.hardware or hardware(args.device),
-                  "chunk_tokens": args.chunk_tokens, "repeats": args.repeats, "torch": torch.__version__,
+                  "chunk_tokens": args.chunk_tokens, "repeats": args.repeats, "io_threads": args.io_threads, "torch": torch.__version__,
                   "contexts": {}}
         for ctx in args.contexts:
             result["contexts"][str(ctx)] = bench_context(args, ctx, redis_url)
