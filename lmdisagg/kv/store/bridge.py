@@ -324,19 +324,20 @@ class StoreBridge:
                 if lr.error is not None:
                     raise lr.error
             outs = self.engine.step()
-            self.after_step()
-            if not outs:
-                time.sleep(0.0005)  # waiting on loads, or on offload pins to free blocks
+            now = time.perf_counter()
             for o in outs:
                 g = res[o.request_id]
                 if not g.token_ids:
-                    g.ttft_s = time.perf_counter() - t0
+                    g.ttft_s = now - t0
                 g.token_ids += o.new_token_ids
                 g.text += o.text_delta
                 g.cached_tokens = o.cached_tokens
                 if o.finished:
                     g.finish_reason = o.finish_reason
-                    g.e2e_s = time.perf_counter() - t0
+                    g.e2e_s = now - t0
+            self.after_step()  # after outputs are out, as a worker's loop does
+            if not outs:
+                time.sleep(0.0005)  # waiting on loads, or on offload pins to free blocks
         return [(res[r], loads[r]) for r in rids]
 
     def close(self, timeout_s: float = 30.0) -> None:
