@@ -140,7 +140,7 @@ def bench_context(args, ctx: int, redis_url: str | None) -> dict:
         from lmdisagg.kv.store.redis_tier import RedisTier
         tiers.append(RedisTier(redis_url, ns, op_timeout_s=30))
     full = TieredStore(tiers, io_threads=args.io_threads)
-    bridge = StoreBridge(engine, full, load_timeout_s=120)
+    bridge = StoreBridge(engine, full, load_timeout_s=120, skip_slow_tiers=False)  # measure every tier
     flood_l1(engine)
     ref, _ = timed(bridge, prompt)  # computes it and writes it through to every tier
     assert bridge.flush(300)
@@ -156,7 +156,7 @@ def bench_context(args, ctx: int, redis_url: str | None) -> dict:
         stores.append(("L4 redis", [RedisTier(redis_url, ns, op_timeout_s=30)], "redis", None))
     for name, tiers, expect, extra in stores:
         store = TieredStore(tiers, io_threads=args.io_threads)
-        bridge = StoreBridge(engine, store, load_timeout_s=120)
+        bridge = StoreBridge(engine, store, load_timeout_s=120, skip_slow_tiers=False)
         before = (lambda t=tiers[0]: drop_page_cache(t, keys)) if extra == "drop" else None
         measure(name, bridge, expect, before)
         bridge.close()

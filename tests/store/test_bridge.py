@@ -9,6 +9,7 @@ from lmdisagg.engine import SamplingParams
 from lmdisagg.errors import InvalidRequestError
 from lmdisagg.kv.store import StoreBridge, TieredStore, store_namespace
 from lmdisagg.kv.store.disk import DiskTier
+from lmdisagg.kv.store.fake import FakeTier
 from lmdisagg.kv.store.host import HostTier
 
 from tests.store.conftest import make_prompt
@@ -65,3 +66,37 @@ def test_worker_loop_admits_after_load_and_abort_drops_a_loading_request(eng, tm
     bridge.close()
     store.close()
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+@pytest.mark.parametrize("bps, used", [(1.5e6, False), (1e10, True)])
+def test_a_tier_slower_than_recompute_is_skipped(eng, bps, used, no_thread_leak):
+    """This CPU engine recomputes KV at some MB/s; a FakeTier link of 1.5 MB/s is slower, so once
+    a load has measured it the bridge recomputes instead; at 10 GB/s it keeps loading."""
+    store = TieredStore([FakeTier(latency_s=0.001, bandwidth_bps=bps)])
+    bridge = StoreBridge(eng, store, load_timeout_s=60)
+    p = make_prompt(eng, 2 * 16 + 5, seed=41)          # 2 chunks (1.5 MB each)
+    q = make_prompt(eng, 8 * 16 + 5, seed=42)          # fills the 9-block engine: evicts p
+    drive_one(bridge, q)
+    cold, _ = drive_one(bridge, p)
+    drive_one(bridge, q)
+    tokens, load = drive_one(bridge, p)                # by now a load went through the tier
+    assert tokens == cold and "fake" in bridge.speed.tier_bps
+    drive_one(bridge, q)
+    tokens, load = drive_one(bridge, p)
+    assert tokens == cold
+    if used:
+        assert load.served == {"fake": 2} and load.skipped_slow == 0
+    else:
+        assert load.served == {} and load.skipped_slow == 2 and load.seconds < 0.5, (load, bridge.stats())
+    st = bridge.stats()
+    assert st["prefill_tokens_per_s"] * eng.layout.chunk_nbytes / 16 > 1.5e6 or used
+    bridge.close()
+    store.close()
+
+
+def drive_one(bridge, *prompts):
+    """Run prompts one after another through the bridge; -> (tokens, LoadResult) of the last."""
+    for prompt in prompts:
+        (res, load), = bridge.generate([prompt], PARAMS, timeout_s=120)
+        assert bridge.flush(60)
+    return res.token_ids, load

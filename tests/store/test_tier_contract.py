@@ -9,6 +9,7 @@ import torch
 
 from lmdisagg.kv.store.base import StoreError
 from lmdisagg.kv.store.disk import DiskTier
+from lmdisagg.kv.store.fake import FakeTier
 from lmdisagg.kv.store.host import HostTier
 from lmdisagg.kv.store.redis_tier import RedisTier
 
@@ -29,7 +30,7 @@ def open_fds() -> set[str]:
             if os.path.exists(f"/proc/self/fd/{fd}")}
 
 
-@pytest.fixture(params=["cpu", "disk", "redis"])
+@pytest.fixture(params=["cpu", "disk", "redis", "fake"])
 def make_tier(request, tmp_path, namespace):
     kind = request.param
     made = []
@@ -37,6 +38,8 @@ def make_tier(request, tmp_path, namespace):
     def make(budget_bytes: int = 0, ttl_s: float | None = None):
         if kind == "cpu":
             t = HostTier(budget_bytes or 1 << 30, ttl_s=ttl_s)
+        elif kind == "fake":
+            t = FakeTier(budget_bytes or 1 << 30, ttl_s=ttl_s, latency_s=0.001, bandwidth_bps=1e9)
         elif kind == "disk":
             t = DiskTier(tmp_path / "kv", namespace, budget_bytes or 1 << 30, ttl_s=ttl_s)
         else:

@@ -27,6 +27,11 @@ arrived, maybe nothing, and the request simply recomputes)::
 A fetch still running at the deadline keeps its blocks reserved until it ends, then commits them
 (they are correct chunks) or frees them: a late write never lands in a reused block.
 
+Slow tiers: the bridge measures the engine's prefill rate (tokens/s, between ``poll``/``after_step``
+calls) and each tier's delivered bandwidth (per load). A run is cut at the first chunk whose tier
+would deliver its tokens slower than the engine recomputes them (e.g. a remote store over a slow
+link in front of a fast GPU); such a tier is probed again every ``probe_every_s``.
+
 Offload: each chunk the engine names ("stored" event) is pinned in the engine, copied into the
 store by an I/O thread (L2, and L3/L4 with write-through), then unpinned by a later
 ``after_step``. At most ``max_inflight_offloads`` chunks are held that way; beyond that new chunks
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field
 from lmdisagg.errors import InvalidRequestError, LmdisaggError, OutOfBlocksError, TimeoutError_
 from lmdisagg.kv.keys import KEY_SCHEME_VERSION, ChunkKey
 from lmdisagg.kv.store.buffers import as_bytes
+from lmdisagg.kv.store.speed import SpeedModel
 from lmdisagg.kv.store.tiered import TieredStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,7 @@ class LoadResult:
     failed: int = 0               # chunks a tier listed but did not deliver (gone, corrupt, error)
     seconds: float = 0.0          # start_load -> done
     error: Exception | None = None  # engine.add_request refused the request (bridge.add_request)
+    skipped_slow: int = 0         # chunks left to recompute: their tier is slower than recomputing
 
     @property
     def imported_chunks(self) -> int:
@@ -82,15 +89,21 @@ class _Load:
     lookup: Future | None = None
     reserved: dict[ChunkKey, int] = field(default_factory=dict)
     fetches: dict[ChunkKey, Future] = field(default_factory=dict)
+    t_fetch: float = 0.0                 # when the fetches were submitted
+    skipped_slow: int = 0
 
 
 class StoreBridge:
     def __init__(self, engine, store: TieredStore, *, load_timeout_s: float = 2.0,
-                 max_inflight_offloads: int = 64):
+                 max_inflight_offloads: int = 64, skip_slow_tiers: bool = True, probe_every_s: float = 30.0):
         self.engine = engine
         self.store = store
         self.load_timeout_s = load_timeout_s
         self.max_inflight_offloads = max_inflight_offloads
+        self.skip_slow_tiers = skip_slow_tiers
+        lay = engine.layout
+        self.speed = SpeedModel(lay.chunk_nbytes / lay.chunk_tokens, probe_every_s)
+        self._mark = (time.perf_counter(), engine.stats.computed_prompt_tokens)
         self._loads: dict[str, _Load] = {}
         self._done: list[LoadResult] = []
         self._orphans: list[_Load] = []
@@ -141,6 +154,7 @@ class StoreBridge:
         done, self._done = self._done, []
         for r in done:
             self._account(r)
+        self._mark = (time.perf_counter(), self.engine.stats.computed_prompt_tokens)
         return done
 
     def _account(self, r: LoadResult) -> None:
@@ -178,7 +192,9 @@ class StoreBridge:
         except Exception:  # a bug below must not take the request down: recompute
             log.exception("KV store lookup failed")
             where = []
+        where = self._cut_slow(load, where)
         todo = load.keys[load.n_engine:load.n_engine + len(where)]
+        load.t_fetch = time.perf_counter()
         try:
             load.reserved = self.engine.reserve_chunks(todo) if todo else {}
         except OutOfBlocksError:
@@ -187,6 +203,18 @@ class StoreBridge:
             if k in load.reserved:
                 out = as_bytes(self.engine.kv_buffer[load.reserved[k]])  # [L, 2, T, H_kv, D] as bytes
                 load.fetches[k] = self.store.submit_fetch(self.store.get, k, out, where[i], promote=False)
+
+    def _cut_slow(self, load: _Load, where: list[int]) -> list[int]:
+        if not self.skip_slow_tiers:
+            return where
+        n = self.speed.usable_run([self.store.tiers[t].name for t in where])
+        load.skipped_slow = len(where) - n
+        return where[:n]
+
+    def _measure(self, load: _Load, served: dict[str, int]) -> None:
+        if len(served) == 1 and load.t_fetch:
+            (name, n), = served.items()
+            self.speed.observe_load(name, n * self.engine.layout.chunk_nbytes, time.perf_counter() - load.t_fetch)
 
     def _settle(self, load: _Load) -> tuple[dict[str, int], int]:
         """Commit fetched blocks, free the rest (all fetches done). -> (served per tier, failed)."""
@@ -212,13 +240,14 @@ class StoreBridge:
             self._orphans.append(load)  # its blocks stay reserved until its reads end
         elif load.reserved:
             served, failed = self._settle(load)
+            self._measure(load, served)
         self.engine.unpin_chunks(load.engine_blocks)
         self._done.append(self._result(load, served, failed, timed_out))
 
     def _result(self, load: _Load, served=None, failed: int = 0, timed_out: bool = False) -> LoadResult:
         return LoadResult(load.rid, len(load.keys), load.n_engine, served or {},
                           self.engine.cached_prefix(load.keys), timed_out, failed,
-                          time.perf_counter() - load.t0)
+                          time.perf_counter() - load.t0, skipped_slow=load.skipped_slow)
 
     def _reap_orphans(self) -> None:
         for load in list(self._orphans):
@@ -242,6 +271,9 @@ class StoreBridge:
     def after_step(self, events: list | None = None) -> list[tuple[str, ChunkKey]]:
         """Offload newly stored chunks (async) and unpin finished ones. Drains the engine's KV
         events unless the worker passes the ones it drained; returns them (for the router)."""
+        t, tok = time.perf_counter(), self.engine.stats.computed_prompt_tokens
+        if tok - self._mark[1] >= self.engine.layout.chunk_tokens:  # the step prefilled
+            self.speed.observe_step(tok - self._mark[1], t - self._mark[0])
         if events is None:
             events = self.engine.drain_kv_events()
         self._reap_offloads()
@@ -259,6 +291,7 @@ class StoreBridge:
                 self._offloads.append((f, blocks))
                 self.offloaded += 1
         self._reap_orphans()
+        self._mark = (time.perf_counter(), self.engine.stats.computed_prompt_tokens)
         return events
 
     def _reap_offloads(self) -> None:
@@ -275,6 +308,7 @@ class StoreBridge:
     def stats(self) -> dict:
         """Counters for /stats and metrics: loads, hits per tier, offloads, and the store's."""
         return {"loads": self.loads, "load_timeouts": self.timeouts, "served_chunks": dict(self.served),
+                "prefill_tokens_per_s": self.speed.prefill_tps, "tier_bytes_per_s": dict(self.speed.tier_bps),
                 "offloaded": self.offloaded, "offloads_skipped": self.offloads_skipped,
                 "offload_errors": self.offload_errors, "store": self.store.stats()}
 

@@ -1,7 +1,7 @@
 """StoreConfig: what a user writes to turn the tiered KV store on (embedded in ClusterConfig).
 
     store:
-      cpu_bytes: 8GiB-ish int      # L2 host memory (0 = off)
+      cpu_bytes: 8589934592        # L2 host memory, 8 GiB (0 = off)
       disk_path: /var/cache/lmdisagg/kv
       disk_bytes: 100000000000     # L3 (0 = off)
       remote_url: redis://cache:6379/0
@@ -34,6 +34,7 @@ class StoreConfig(BaseModel):
     op_timeout_s: float = Field(2.0, gt=0, description="Socket timeout of one remote-store operation.")
     retry_after_s: float = Field(5.0, gt=0, description="After a tier fails, it is skipped (treated as a miss) for this long before one call probes it again.")
     io_threads: int = Field(4, ge=1, description="Threads reading chunks from the tiers (half as many write them).")
+    skip_slow_tiers: bool = Field(True, description="Recompute instead of loading from a tier that delivers tokens slower than this engine computes them (both measured as it runs).")
     max_inflight_offloads: int = Field(64, ge=1, description="Chunks at most held in the engine while being copied out; beyond that new chunks are not offloaded.")
 
     @field_validator("remote_url")
@@ -62,7 +63,7 @@ class StoreConfig(BaseModel):
         """Store + bridge for an engine, pinned prefixes applied: what a worker holds."""
         from lmdisagg.kv.store.bridge import StoreBridge, store_namespace
         b = StoreBridge(engine, self.build(store_namespace(engine)), load_timeout_s=self.load_timeout_s,
-                        max_inflight_offloads=self.max_inflight_offloads)
+                        max_inflight_offloads=self.max_inflight_offloads, skip_slow_tiers=self.skip_slow_tiers)
         for text in self.pinned_prefixes:
             b.pin_prefix(engine.encode(text))
         return b

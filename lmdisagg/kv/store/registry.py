@@ -2,6 +2,7 @@
 
     redis://host:port/db  rediss://...  unix:///path.sock   -> RedisTier (redis-py)
     file:///shared/path                                     -> DiskTier on a shared filesystem
+    fake://?latency_ms=20&gbps=1                            -> FakeTier (tests, simulations)
 
 ``mooncakestore://`` is not offered: see README "KV store" for why (its master and client bind
 every interface, which this project's single-host tests may not do).
@@ -9,7 +10,7 @@ every interface, which this project's single-host tests may not do).
 from __future__ import annotations
 
 import importlib
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from lmdisagg.kv.store.base import StoreError, StoreTier
 
@@ -18,6 +19,7 @@ REMOTE_TIERS = {
     "rediss": "lmdisagg.kv.store.redis_tier:RedisTier",
     "unix": "lmdisagg.kv.store.redis_tier:RedisTier",
     "file": "lmdisagg.kv.store.disk:DiskTier",
+    "fake": "lmdisagg.kv.store.fake:FakeTier",
 }
 
 
@@ -38,6 +40,10 @@ def remote_tier(url: str, namespace: str, *, budget_bytes: int = 0, ttl_s: float
         raise StoreError(f"unknown remote KV store URL scheme {scheme!r} in {url!r}; "
                          f"choose one of {sorted(REMOTE_TIERS)}")
     cls = _load(REMOTE_TIERS[scheme])
+    if scheme == "fake":
+        q = {k: float(v[0]) for k, v in parse_qs(urlparse(url).query).items()}
+        return cls(budget_bytes or 1 << 30, ttl_s=ttl_s, latency_s=q.get("latency_ms", 0.0) / 1e3,
+                   bandwidth_bps=q["gbps"] * 1e9 if "gbps" in q else None)
     if scheme == "file":
         if not budget_bytes:
             raise StoreError("a file:// remote tier needs a byte budget")
