@@ -43,6 +43,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 from lmdisagg.errors import InvalidRequestError, LmdisaggError, OutOfBlocksError, TimeoutError_
 from lmdisagg.kv.keys import KEY_SCHEME_VERSION, ChunkKey
@@ -95,8 +96,12 @@ class _Load:
 
 class StoreBridge:
     def __init__(self, engine, store: TieredStore, *, load_timeout_s: float = 2.0,
-                 max_inflight_offloads: int = 64, skip_slow_tiers: bool = True, probe_every_s: float = 30.0):
+                 max_inflight_offloads: int = 64, skip_slow_tiers: bool = True, probe_every_s: float = 30.0,
+                 wake: Callable[[], None] | None = None):
+        """``wake`` is called from an I/O thread whenever a lookup, fetch or offload finishes, so a
+        loop that sleeps while idle can call ``poll``/``after_step`` at once (e.g. post a no-op)."""
         self.engine = engine
+        self.wake = wake
         self.store = store
         self.load_timeout_s = load_timeout_s
         self.max_inflight_offloads = max_inflight_offloads
@@ -144,7 +149,7 @@ class StoreBridge:
             self._done.append(self._result(load))
             return
         load.engine_blocks = self.engine.pin_chunks(keys[:n])  # keep the head while the tail comes
-        load.lookup = self.store.submit_fetch(self.store.lookup, keys[n:])
+        load.lookup = self._watch(self.store.submit_fetch(self.store.lookup, keys[n:]))
         self._loads[request_id] = load
 
     def poll(self) -> list[LoadResult]:
@@ -202,7 +207,13 @@ class StoreBridge:
         for i, k in enumerate(todo):
             if k in load.reserved:
                 out = as_bytes(self.engine.kv_buffer[load.reserved[k]])  # [L, 2, T, H_kv, D] as bytes
-                load.fetches[k] = self.store.submit_fetch(self.store.get, k, out, where[i], promote=False)
+                load.fetches[k] = self._watch(self.store.submit_fetch(self.store.get, k, out, where[i],
+                                                                      promote=False))
+
+    def _watch(self, f: Future) -> Future:
+        if self.wake is not None:
+            f.add_done_callback(lambda _: self.wake())
+        return f
 
     def _cut_slow(self, load: _Load, where: list[int]) -> list[int]:
         if not self.skip_slow_tiers:
@@ -287,7 +298,7 @@ class StoreBridge:
                     self.offloads_skipped += 1
                     continue
                 blocks = self.engine.pin_chunks([key])
-                f = self.store.submit_put(key, self.engine.kv_buffer[blocks[0]])
+                f = self._watch(self.store.submit_put(key, self.engine.kv_buffer[blocks[0]]))
                 self._offloads.append((f, blocks))
                 self.offloaded += 1
         self._reap_orphans()
