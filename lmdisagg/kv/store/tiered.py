@@ -153,10 +153,18 @@ class TieredStore:
         if self._guard(i, tier.contains, key, default=False):
             return True  # never resend bytes a tier (maybe remote) already holds
         ok = self._guard(i, tier.put, key, value, default=False)
-        if ok and key in self._pinned and key not in self._pinned_in[i]:
-            if self._guard(i, tier.pin, key, default=False):
-                self._pinned_in[i].add(key)
+        if ok:
+            self._apply_pin(i, key)
         return bool(ok)
+
+    def _apply_pin(self, i: int, key: ChunkKey) -> None:
+        with self._lock:  # pins come from I/O threads of both pools
+            if key not in self._pinned or key in self._pinned_in[i]:
+                return
+            self._pinned_in[i].add(key)
+        if not self._guard(i, self.tiers[i].pin, key, default=False):
+            with self._lock:
+                self._pinned_in[i].discard(key)
 
     def _demote(self, i: int, key: ChunkKey, value: torch.Tensor) -> None:
         """A victim of tier i goes to the first lower tier that holds or takes it."""
@@ -167,22 +175,24 @@ class TieredStore:
     def pin(self, keys: Sequence[ChunkKey]) -> None:
         """Pin chunks in every tier now and whenever they arrive later (system prompts)."""
         for k in keys:
-            self._pinned[k] = self._pinned.get(k, 0) + 1
-            for i, t in enumerate(self.tiers):
-                if k not in self._pinned_in[i] and self._guard(i, t.pin, k, default=False):
-                    self._pinned_in[i].add(k)
+            with self._lock:
+                self._pinned[k] = self._pinned.get(k, 0) + 1
+            for i in range(len(self.tiers)):
+                self._apply_pin(i, k)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
         for k in keys:
-            c = self._pinned.get(k, 0)
-            if c > 1:
-                self._pinned[k] = c - 1
-                continue
-            self._pinned.pop(k, None)
-            for i, t in enumerate(self.tiers):
-                if k in self._pinned_in[i]:
+            with self._lock:
+                c = self._pinned.get(k, 0)
+                if c > 1:
+                    self._pinned[k] = c - 1
+                    continue
+                self._pinned.pop(k, None)
+                held = [i for i in range(len(self.tiers)) if k in self._pinned_in[i]]
+                for i in held:
                     self._pinned_in[i].discard(k)
-                    self._guard(i, t.unpin, k)
+            for i in held:
+                self._guard(i, self.tiers[i].unpin, k)
 
     def remove(self, key: ChunkKey) -> None:
         for i, t in enumerate(self.tiers):
