@@ -216,7 +216,7 @@ def main() -> None:
     redis_url, proc = args.redis_url, None
     if redis_url is None and not args.no_redis:
         try:
-            import redis  # noqa: F401
+            import redis  # noqa: F401  (the L4 row needs redis-py)
             started = start_redis()
         except ImportError:
             started = None

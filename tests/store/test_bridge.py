@@ -100,3 +100,25 @@ def drive_one(bridge, *prompts):
         (res, load), = bridge.generate([prompt], PARAMS, timeout_s=120)
         assert bridge.flush(60)
     return res.token_ids, load
+
+
+def test_config_pinned_prefix_survives_a_full_l2(eng, no_thread_leak):
+    """StoreConfig.bridge pins a system prompt's chunks: a tiny L2 evicts everything else."""
+    from lmdisagg.kv.store import StoreConfig
+    system = ("You are a careful assistant. Answer briefly, cite the provided documents, and say so "
+              "plainly when the documents do not contain the answer to the question.")
+    sys_ids = eng.encode(system)
+    n_sys = len(sys_ids) // 16
+    assert n_sys >= 1
+    chunk = eng.layout.chunk_nbytes
+    bridge = StoreConfig(cpu_bytes=(n_sys + 3) * chunk, pinned_prefixes=[system]).bridge(eng)
+    prompts = [sys_ids + make_prompt(eng, 6 * 16, seed=60 + i) for i in range(3)]
+    for p in prompts:                                 # (n_sys + 6) chunks each, L2 holds n_sys + 3
+        drive_one(bridge, p)
+    host = bridge.store.tiers[0]
+    keys = eng.chunk_keys(sys_ids)
+    st = host.stats()
+    assert st.pinned == n_sys and st.evictions > 0 and st.bytes <= (n_sys + 3) * chunk
+    assert host.contains_many(keys) == [True] * n_sys
+    bridge.close()
+    bridge.store.close()

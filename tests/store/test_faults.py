@@ -42,7 +42,7 @@ def once(bridge, prompt):
 
 
 def test_redis_stopped_mid_run_recomputes_counts_and_recovers(eng, prompts, own_redis, namespace, no_thread_leak):
-    (p, q), (p_ref, q_ref) = prompts[0][:2], prompts[1]
+    (p, q), (p_ref, _) = prompts[0][:2], prompts[1]
     store = TieredStore([RedisTier(own_redis.url, namespace, op_timeout_s=1.0)], retry_after_s=0.5)
     bridge = StoreBridge(eng, store, load_timeout_s=5)
     fill(bridge, p, q)
@@ -75,7 +75,7 @@ def test_redis_stopped_mid_run_recomputes_counts_and_recovers(eng, prompts, own_
 
 
 def test_frozen_redis_times_out_instead_of_hanging(eng, prompts, own_redis, namespace, no_thread_leak):
-    (p, q), (p_ref, q_ref) = prompts[0][:2], prompts[1]
+    (p, q), (p_ref, _) = prompts[0][:2], prompts[1]
     store = TieredStore([RedisTier(own_redis.url, namespace, op_timeout_s=1.5)], retry_after_s=60)
     bridge = StoreBridge(eng, store, load_timeout_s=0.3)
     fill(bridge, p, q)
@@ -95,7 +95,7 @@ def test_frozen_redis_times_out_instead_of_hanging(eng, prompts, own_redis, name
 
 
 def test_corrupt_disk_chunk_is_caught_deleted_and_recomputed(eng, prompts, tmp_path, no_thread_leak):
-    (p, q), (p_ref, q_ref) = prompts[0][:2], prompts[1]
+    (p, q), (p_ref, _) = prompts[0][:2], prompts[1]
     disk = DiskTier(tmp_path, store_namespace(eng), 1 << 30)
     store = TieredStore([disk])
     bridge = StoreBridge(eng, store, load_timeout_s=10)
