@@ -59,11 +59,13 @@ class StoreConfig(BaseModel):
             write_through=self.write_through, io_threads=self.io_threads,
             retry_after_s=self.retry_after_s, op_timeout_s=self.op_timeout_s)
 
-    def bridge(self, engine):
-        """Store + bridge for an engine, pinned prefixes applied: what a worker holds."""
+    def bridge(self, engine, wake=None):
+        """Store + bridge for an engine, pinned prefixes applied: what a worker holds. ``wake``
+        (optional, called from I/O threads) tells an idle step loop that a load or offload ended."""
         from lmdisagg.kv.store.bridge import StoreBridge, store_namespace
         b = StoreBridge(engine, self.build(store_namespace(engine)), load_timeout_s=self.load_timeout_s,
-                        max_inflight_offloads=self.max_inflight_offloads, skip_slow_tiers=self.skip_slow_tiers)
+                        max_inflight_offloads=self.max_inflight_offloads, skip_slow_tiers=self.skip_slow_tiers,
+                        wake=wake)
         for text in self.pinned_prefixes:
             b.pin_prefix(engine.encode(text))
         return b
