@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmdisagg.errors import InvalidRequestError
+from lmdisagg.kv.store.config import StoreConfig
 
 
 class _Strict(BaseModel):
@@ -91,6 +92,8 @@ class ClusterConfig(_Strict):
     transport: TransportSettings = Field(default_factory=TransportSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
+    store: StoreConfig = Field(default_factory=StoreConfig, description="tiered KV store below each prefill "
+                               "(or colocated) worker's engine: host memory, local disk, Redis")
 
     @model_validator(mode="after")
     def _replicas(self) -> "ClusterConfig":

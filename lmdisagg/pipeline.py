@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from lmdisagg.config import ClusterConfig, RoleSettings, TransportSettings
+from lmdisagg.kv.store.config import StoreConfig
 from lmdisagg.engine import EngineConfig, SamplingParams
 from lmdisagg.errors import LmdisaggError, UnavailableError
 from lmdisagg.workers.messages import GenerateRequest, TokenDelta
@@ -69,12 +70,15 @@ class Pipeline:
     def __init__(self, model: str = "smollm2-135m", *, prefill: RoleSettings | None = None,
                  decode: RoleSettings | None = None, colocated: RoleSettings | None = None,
                  transport: str | TransportSettings = "shm", policy: str = "round_robin",
-                 host: str = "127.0.0.1", port: int = 0, **engine):
+                 host: str = "127.0.0.1", port: int = 0, store: "StoreConfig | dict | None" = None, **engine):
         """Disaggregated when ``prefill``/``decode`` are given (default 1 + 1), colocated when
-        ``colocated`` is. ``engine`` holds EngineSettings fields (device, dtype, chunk_tokens, ...)."""
+        ``colocated`` is. ``engine`` holds EngineSettings fields (device, dtype, chunk_tokens, ...);
+        ``store`` a StoreConfig (tiered KV store: cpu_bytes, disk_path/disk_bytes, remote_url)."""
         t = TransportSettings(name=transport) if isinstance(transport, str) else transport
         data = {"model": model, "transport": t.model_dump(), "router": {"host": host, "port": port, "policy": policy},
                 "engine": engine}
+        if store is not None:
+            data["store"] = store if isinstance(store, dict) else store.model_dump()
         if colocated is not None:
             data.update(mode="colocated", workers=colocated.model_dump())
         else:
@@ -120,7 +124,7 @@ class Pipeline:
                     num_gpus=rs.num_gpus, resources=dict(rs.resources) or None, max_concurrency=1000,
                     max_restarts=0)
                 self.actors.append(actor_cls.remote(wid, _engine_config(cfg, rs), transport, timeouts,
-                                                    max(1, int(rs.num_cpus))))
+                                                    max(1, int(rs.num_cpus)), cfg.store.model_dump()))
         log.info("starting %d workers (loading %s) ...", len(self.actors), cfg.model)
         try:
             infos = ray.get([a.info.remote() for a in self.actors], timeout=cfg.ray.worker_start_timeout_s)

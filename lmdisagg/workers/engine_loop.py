@@ -63,6 +63,10 @@ class EngineLoop:
         self._streams[request_id] = s
         return s.queue
 
+    def fail(self, request_id: str, err: BaseException) -> None:
+        """Loop thread: hand ``err`` to the request's stream (e.g. refused after a store load)."""
+        self._deliver(request_id, err)
+
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 

@@ -21,12 +21,15 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from lmdisagg.engine import Engine, EngineConfig
 from lmdisagg.engine.request import RequestOutput
-from lmdisagg.errors import LmdisaggError, TimeoutError_
+from lmdisagg.errors import InvalidRequestError, LmdisaggError, TimeoutError_
+from lmdisagg.kv.store.config import StoreConfig
 from lmdisagg.router.events import EventBatcher
 from lmdisagg.workers.engine_loop import EngineLoop
 from lmdisagg.workers.kv_transfer import KVTransfer, TransferError
@@ -41,6 +44,9 @@ def _delta(out: RequestOutput) -> TokenDelta:
                       out.finish_reason, out.prompt_tokens, out.cached_tokens, out.completion_tokens)
 
 
+_TIER_NAMES = {"cpu": "cpu", "disk": "disk"}  # store tier name -> index tier (others: remote)
+
+
 def _gen_state(h: KVHandle) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8) if h.generator_state else None
 
@@ -51,7 +57,7 @@ class Worker:
     role = "both"
 
     def __init__(self, worker_id: str, engine_config: EngineConfig, transport: dict | None = None,
-                 timeouts: dict | None = None, num_threads: int | None = None):
+                 timeouts: dict | None = None, num_threads: int | None = None, store: dict | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if num_threads:
             torch.set_num_threads(num_threads)  # one worker per reserved CPU, not one per core each
@@ -70,10 +76,20 @@ class Worker:
         self._outbox: deque[bytes] = deque(maxlen=4096)
         if self.batcher is not None:
             engine.enable_kv_events()
-        self.loop = EngineLoop(engine, after_step=self._collect_events if self.batcher else None)
+        # the tiered KV store (prefill and colocated workers): prompts load their cached chunks
+        # from host memory / disk / Redis before admission; new chunks are offloaded after steps
+        self.bridge = None
+        self._loading: dict[str, tuple] = {}   # request id -> (add_request args) while its chunks load
+        store_cfg = StoreConfig.model_validate(store or {})
+        if store_cfg.disk_path:  # one directory per worker: each keeps its own budget and LRU
+            store_cfg = store_cfg.model_copy(update={"disk_path": str(Path(store_cfg.disk_path) / worker_id)})
+        if self.role != "decode" and store_cfg.enabled:
+            self.bridge = store_cfg.bridge(engine, wake=lambda: self.loop.submit(lambda e: None))
         self.counters = {"requests": 0, "transfer_failures": 0, "recomputed_prompts": 0,
                          "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "reused_chunks": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
+        self._snapshot(engine)
+        self.loop = EngineLoop(engine, after_step=self._after_step)
 
     # --- info -----------------------------------------------------------------------------------
     async def info(self) -> WorkerInfo:
@@ -83,11 +99,51 @@ class Worker:
                           e.blocks.num_blocks, tuple(e.layout.__dict__.values()), e.namespace.digest(),
                           self.kv.name if self.kv else "none", ray.util.get_node_ip_address())
 
-    def _collect_events(self, e: Engine) -> None:
-        self.batcher.add(e.drain_kv_events())
+    def _after_step(self, e: Engine) -> None:
+        """Loop thread, after every step (and when idle): store offloads and loads, KV events."""
+        self._snapshot(e)
+        if self.batcher is None:
+            return
+        if self.bridge is not None:
+            self.batcher.add(self.bridge.after_step())
+            for key, tier in self.bridge.drain_tier_events():
+                self.batcher.add([("stored", key)], tier=_TIER_NAMES.get(tier, "remote"))
+            for r in self.bridge.poll():
+                self._admit_loaded(e, r)
+        else:
+            self.batcher.add(e.drain_kv_events())
         b = self.batcher.flush()
         if b is not None:
             self._outbox.append(b.to_msgpack())
+
+    def _add(self, e: Engine, req: GenerateRequest, prefill_only: bool = False) -> None:
+        """Admit a request (loop thread): at once, or after its cached chunks load from the store.
+        Typed errors are raised here, before anything is queued."""
+        if self.bridge is None:
+            e.add_request(req.request_id, req.prompt_token_ids, req.params, prefill_only=prefill_only)
+            return
+        if req.request_id in self._loading or req.request_id in e.seqs:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already running")
+        e.validate(req.prompt_token_ids, req.params)
+        self._loading[req.request_id] = (req, prefill_only)
+        self.bridge.start_load(req.request_id, req.prompt_token_ids)
+
+    def _admit_loaded(self, e: Engine, r) -> None:
+        entry = self._loading.pop(r.request_id, None)
+        if entry is None:  # aborted while loading: its chunks stay cached
+            return
+        req, prefill_only = entry
+        for tier, n in r.served.items():
+            self.counters[f"store_{tier}_chunks"] = self.counters.get(f"store_{tier}_chunks", 0) + n
+        try:
+            e.add_request(req.request_id, req.prompt_token_ids, req.params, prefill_only=prefill_only)
+        except LmdisaggError as err:
+            self.loop.fail(req.request_id, err)
+
+    def _abort(self, e: Engine, request_id: str) -> bool:
+        if self._loading.pop(request_id, None) is not None:
+            return True
+        return e.abort(request_id)
 
     async def resync(self) -> bytes:
         """A full snapshot of the chunks this worker holds (the router asks after a seq gap)."""
@@ -96,25 +152,32 @@ class Worker:
             return self.batcher.resync().to_msgpack()
         return await self.loop.call(snap)
 
+    def _snapshot(self, e: Engine) -> None:
+        """Loop thread: refresh the load report (load() must answer without waiting for a step)."""
+        queued = sum(len(s) - s.num_computed_tokens for s in e.scheduler.waiting)
+        st = dict(e.stats.__dict__)
+        st.pop("extra", None)
+        st.update(self.counters, held=len(e.held), cached_blocks=e.blocks.num_cached, loading=len(self._loading))
+        self._stats = WorkerStats(self.worker_id, queued, len(e.scheduler.running), e.blocks.num_free,
+                                  e.blocks.num_blocks, st, len(e.scheduler.waiting))
+
     async def load(self) -> WorkerStats:
-        def snap(e: Engine) -> WorkerStats:
-            queued = sum(len(s) - s.num_computed_tokens for s in e.scheduler.waiting)
-            st = dict(e.stats.__dict__)
-            st.pop("extra", None)
-            st.update(self.counters, held=len(e.held), cached_blocks=e.blocks.num_cached)
-            events = []
-            while self._outbox:
-                events.append(self._outbox.popleft())
-            return WorkerStats(self.worker_id, queued, len(e.scheduler.running), e.blocks.num_free,
-                               e.blocks.num_blocks, st, len(e.scheduler.waiting), events)
-        return await self.loop.call(snap)
+        """The latest load report plus the KV event batches since the last call. Never waits for
+        the engine (a long prefill step must not look like a dead worker)."""
+        events = []
+        while self._outbox:
+            events.append(self._outbox.popleft())
+        return replace(self._stats, events=events)
 
     async def abort(self, request_id: str) -> bool:
         self._cancel_hold(request_id)
-        return await self.loop.call(lambda e: e.abort(request_id))
+        return await self.loop.call(lambda e: self._abort(e, request_id))
 
     async def shutdown(self) -> None:
         self.loop.stop()
+        if self.bridge is not None:
+            self.bridge.close()
+            self.bridge.store.close()
         if self.kv is not None:
             self.kv.close()
 
@@ -124,7 +187,7 @@ class Worker:
         self.counters["requests"] += 1
         q = self.loop.open_stream(req.request_id)
         try:
-            await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params))
+            await self.loop.call(lambda e: self._add(e, req))
             async for delta in self._drain(q, req.request_id, self.timeouts["first_token_s"]):
                 yield delta
         finally:
@@ -148,7 +211,7 @@ class Worker:
     async def _finish(self, request_id: str) -> None:
         """Always runs when a stream ends (finished, cancelled, or failed): nothing stays allocated."""
         self.loop.close_stream(request_id)
-        await self.loop.call(lambda e: e.abort(request_id))
+        await self.loop.call(lambda e: self._abort(e, request_id))
 
     # --- holds on prefilled blocks --------------------------------------------------------------
     def _cancel_hold(self, request_id: str) -> None:
@@ -166,12 +229,11 @@ class PrefillWorker(Worker):
         self.counters["requests"] += 1
         q = self.loop.open_stream(req.request_id)
         try:
-            await self.loop.call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params,
-                                                         prefill_only=True))
+            await self.loop.call(lambda e: self._add(e, req, prefill_only=True))
             try:
                 out = await asyncio.wait_for(q.get(), self.timeouts["first_token_s"])
             except asyncio.TimeoutError:
-                await self.loop.call(lambda e: e.abort(req.request_id))
+                await self.loop.call(lambda e: self._abort(e, req.request_id))
                 raise TimeoutError_(f"prefill of {req.request_id} took over "
                                     f"{self.timeouts['first_token_s']:.0f} s") from None
         finally:

@@ -112,7 +112,8 @@ class StoreBridge:
         self._loads: dict[str, _Load] = {}
         self._done: list[LoadResult] = []
         self._orphans: list[_Load] = []
-        self._offloads: list[tuple[Future, list[int]]] = []
+        self._offloads: list[tuple[Future, list[int], ChunkKey]] = []
+        self.tier_events: list[tuple[ChunkKey, str]] = []  # (key, tier) written by offloads
         self._pending: dict[str, tuple[list[int], object]] = {}  # rid -> (prompt, params) to admit
         self.loads = 0                # loads finished
         self.timeouts = 0             # of those, ended by their deadline
@@ -299,7 +300,7 @@ class StoreBridge:
                     continue
                 blocks = self.engine.pin_chunks([key])
                 f = self._watch(self.store.submit_put(key, self.engine.kv_buffer[blocks[0]]))
-                self._offloads.append((f, blocks))
+                self._offloads.append((f, blocks, key))
                 self.offloaded += 1
         self._reap_orphans()
         self._mark = (time.perf_counter(), self.engine.stats.computed_prompt_tokens)
@@ -307,14 +308,22 @@ class StoreBridge:
 
     def _reap_offloads(self) -> None:
         keep = []
-        for f, blocks in self._offloads:
+        for f, blocks, key in self._offloads:
             if f.done():
                 if f.exception() is not None:
                     self.offload_errors += 1
+                else:
+                    self.tier_events += [(key, tier) for tier in (f.result() or ())]
                 self.engine.unpin_chunks(blocks)
             else:
-                keep.append((f, blocks))
+                keep.append((f, blocks, key))
         self._offloads = keep
+
+    def drain_tier_events(self) -> list[tuple[ChunkKey, str]]:
+        """(key, tier name) for every chunk an offload wrote to a tier since the last drain (for
+        the router's index; tier evictions are not reported)."""
+        out, self.tier_events = self.tier_events, []
+        return out
 
     def stats(self) -> dict:
         """Counters for /stats and metrics: loads, hits per tier, offloads, and the store's."""
