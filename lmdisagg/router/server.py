@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from lmdisagg.engine.request import SamplingParams
+from lmdisagg.kv.keys import chunk_keys
 from lmdisagg.errors import InvalidRequestError, LmdisaggError, ModelNotFoundError, OverloadedError, PayloadTooLargeError
 from lmdisagg.router import protocol as P
 from lmdisagg.router.router import Router
@@ -48,6 +49,7 @@ class OpenAIServer:
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
             web.get("/stats", self.stats),
+            web.post("/debug/placement", self.explain),
         ])
         self.app.on_startup.append(lambda app: router.start())
         self.app.on_cleanup.append(lambda app: router.stop())
@@ -79,6 +81,22 @@ class OpenAIServer:
                           **w.stats.stats} if w.stats else {"role": w.info.role, "alive": w.alive}
             for w in r.workers}}
         return web.json_response(body)
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """What the index knows of a prompt ({"prompt": text or token ids}): leading chunks held per
+        prefill worker, by tier. Nothing is routed."""
+        r = self.router
+        try:
+            body = json.loads(await request.read())
+            ids = r.encode_prompt(body["prompt"])
+        except (ValueError, KeyError, TypeError) as e:
+            return error_response(400, f"expected {{\"prompt\": text or token ids}}: {e}", "invalid_request_error")
+        except LmdisaggError as e:
+            return from_exc(e)
+        keys = chunk_keys(ids, r.chunk_tokens, r.namespace)
+        held = {w.worker_id: {"chunks": m.chunks, "by_tier": m.by_tier, "stale": m.stale}
+                for w in r.prefill for m in [r.index.matched_prefix(w.worker_id, keys)]}
+        return web.json_response({"prompt_tokens": len(ids), "prompt_chunks": len(keys), "workers": held})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.router.metrics.render(), content_type="text/plain", charset="utf-8")

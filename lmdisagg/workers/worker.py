@@ -158,6 +158,12 @@ class Worker:
         st = dict(e.stats.__dict__)
         st.pop("extra", None)
         st.update(self.counters, held=len(e.held), cached_blocks=e.blocks.num_cached, loading=len(self._loading))
+        if self.bridge is not None:
+            b = self.bridge.stats()
+            ts = b["store"]
+            st.update(store_loads=b["loads"], store_load_timeouts=b["load_timeouts"],
+                      store_offloaded=b["offloaded"], store_offload_errors=b["offload_errors"],
+                      store_errors=sum(ts.failures.values()) + b["offload_errors"], store_down=list(ts.down))
         self._stats = WorkerStats(self.worker_id, queued, len(e.scheduler.running), e.blocks.num_free,
                                   e.blocks.num_blocks, st, len(e.scheduler.waiting))
 
