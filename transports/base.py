@@ -71,6 +71,9 @@ class TransferError(LmdisaggError):
 
     status = 502
     type = "kv_transfer_error"
+    # True when abort could not make the medium stop (a hung peer on a medium that cannot cancel):
+    # the destination blocks may still be written, so the caller must not reuse them
+    quarantine: bool = False
 
 
 class TransferTimeoutError(TransferError, TimeoutError_):
@@ -151,7 +154,7 @@ class Transfer:
     state with ``_start`` / ``_landed`` / ``_fail`` and either run a worker (it calls ``_quiesce``
     when it stops touching the destination) or override ``_progress`` (polled media)."""
 
-    drain_timeout_s = 10.0  # abort(): longest wait for an uncancellable medium to go quiet
+    drain_timeout_s = 10.0  # abort(): longest wait for the medium to stop (set by the transport)
 
     def __init__(self, desc: ChunkDesc, dst: Buffer, dst_blocks: tuple[int, ...], peer_alive=alive):
         self.desc = desc
@@ -215,12 +218,11 @@ class Transfer:
     def _progress(self) -> None:
         """Polled media advance here (called by poll); worker-driven media need nothing."""
 
-    def _cancel(self) -> None:
-        """Stop the medium; return once it no longer writes into dst. Default: wait for the
-        worker to notice ``aborting`` and call ``_quiesce``."""
+    def _cancel(self) -> bool:
+        """Stop the medium; return True once it no longer writes into dst, False if it did not
+        stop within ``drain_timeout_s``. Default: wait for the worker to call ``_quiesce``."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._quiet, self.drain_timeout_s):
-                raise RuntimeError(f"{self!r}: medium did not stop within {self.drain_timeout_s}s")
+            return self._cond.wait_for(lambda: self._quiet, self.drain_timeout_s)
 
     def _stop(self, err: TransferError) -> None:
         with self._cond:
@@ -228,7 +230,11 @@ class Transfer:
                 return
             self._aborting = True
             self._cond.notify_all()
-        self._cancel()
+        if not self._cancel():
+            err.quarantine = True
+            err.message = err.args[0] + (f"; the medium did not stop within {self.drain_timeout_s}s, "
+                                         f"so the destination blocks must not be reused")
+            err.args = (err.message,)
         self._fail(err)
 
     def _sleep(self, seconds: float) -> bool:
@@ -288,8 +294,9 @@ class Transport(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, *, checksum: bool = False):
+    def __init__(self, *, checksum: bool = False, drain_timeout_s: float = 10.0):
         self.checksum = checksum  # describe() takes xxh3 of every block; pulls verify them
+        self.drain_timeout_s = drain_timeout_s  # abort: longest wait for the medium to stop
         pid, start = self_identity()
         self._ident = (pid, start)
         self.agent = f"{self.name}-{HOSTNAME}-{pid}-{next(_agents)}"
@@ -340,16 +347,18 @@ class Transport(abc.ABC):
         self._deregister(buf)
 
     # --- source side -----------------------------------------------------------------------------
-    def describe(self, buf: Buffer, block_ids: Sequence[int], block_nbytes: int) -> ChunkDesc:
+    def describe(self, buf: Buffer, block_ids: Sequence[int], block_nbytes: int,
+                 checksum: bool | None = None) -> ChunkDesc:
         """Name blocks of a registered buffer for a peer to pull. Blocks until the bytes are
         ready to be read (staging copies, device syncs). The caller keeps the blocks unchanged
-        (pinned) until the peer reports its transfer finished."""
+        (pinned) until the peer reports its transfer finished. ``checksum`` overrides the
+        transport's default for this descriptor (the puller verifies whatever it carries)."""
         self._check_open()
         ids = tuple(int(b) for b in block_ids)
         _check_blocks(ids, block_nbytes, buf.desc.nbytes, "describe")
         self._prepare(buf, ids, block_nbytes)
         sums = ()
-        if self.checksum:
+        if self.checksum if checksum is None else checksum:
             from lmdisagg.transports._blocks import block_checksums
             sums = block_checksums(buf.flat, ids, block_nbytes)
         return ChunkDesc(buf.desc, ids, block_nbytes, sums)
@@ -370,6 +379,7 @@ class Transport(abc.ABC):
         if desc.checksums and len(desc.checksums) != len(desc.block_ids):
             raise TransferError("pull: descriptor has a checksum count that does not match its blocks")
         t = self._pull(desc, dst, ids)
+        t.drain_timeout_s = self.drain_timeout_s
         self._live.add(t)
         return t
 

@@ -54,10 +54,12 @@ class FakeTransport(ShmTransport):
 
     def __init__(self, *, latency_s: float = 0.0, bandwidth_gbps: float | None = None,
                  fail_prob: float = 0.0, corrupt_prob: float = 0.0, seed: int = 0,
-                 checksum: bool = False, piece_nbytes: int = 4 << 20, workers: int = 4):
+                 checksum: bool = False, drain_timeout_s: float = 10.0, piece_nbytes: int = 4 << 20,
+                 workers: int = 4):
         """``latency_s`` before the first byte; ``bandwidth_gbps`` paces each piece (None: as
         fast as memory); ``fail_prob`` / ``corrupt_prob`` per transfer, drawn from ``seed``."""
-        super().__init__(checksum=checksum, inline_nbytes=-1, piece_nbytes=piece_nbytes, workers=workers)
+        super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s, inline_nbytes=-1,
+                         piece_nbytes=piece_nbytes, workers=workers)
         self.latency_s = latency_s
         self.bandwidth_gbps = bandwidth_gbps
         self.fail_prob = fail_prob

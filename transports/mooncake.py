@@ -23,7 +23,7 @@ import msgpack
 
 from lmdisagg.transports._blocks import byte_runs, split_runs
 from lmdisagg.transports.base import (
-    Buffer, ChunkDesc, PeerLostError, Transfer, TransferError, Transport, failed_transfer,
+    Buffer, ChunkDesc, PeerLostError, Transfer, TransferError, Transport, _uint8, failed_transfer,
 )
 
 _DONE, _PENDING, _FAILED, _TIMEOUT = 1, 0, -1, -2  # transfer_check_status results
@@ -41,61 +41,80 @@ def _engine_class():
 
 
 class MooncakeTransfer(Transfer):
-    """Submitted pieces, polled by whoever calls poll()/wait(); one lock guards the batch ids
-    (a checked-and-freed batch id must never be checked again)."""
+    """Submitted pieces, polled by whoever calls poll()/wait(). ``_cond`` guards the batch ids:
+    the binding frees a batch once it reports it finished, so each id is checked until then only."""
 
-    def __init__(self, desc, dst, dst_blocks, peer_alive, te, lock: threading.Lock):
+    def __init__(self, desc, dst, dst_blocks, peer_alive, te):
         super().__init__(desc, dst, dst_blocks, peer_alive)
         self._te = te
-        self._te_lock = lock
         self._pending: dict[int, int] = {}  # batch id -> bytes
         self._error: TransferError | None = None  # first failure; reported once all pieces ended
         self._quiet = True
 
-    def submit(self, session: str, pieces: list[tuple[int, int]], lengths: list[int]) -> None:
+    def connect(self, te, scratch: int, src_addr: int) -> bool:
+        """First contact with a session: the P2P handshake happens inside Mooncake's first read
+        (blocking, up to its handshake timeout for a hung peer), so read 1 byte into a scratch
+        buffer, never into dst. Runs on a helper thread; False if the transfer FAILED."""
+        session = self.desc.buffer.address
+        bid = te.batch_transfer_async_read(session, [scratch], [src_addr], [1])
+        st = _FAILED
+        while bid and (st := te.transfer_check_status(bid)) == _PENDING and not self._aborting:
+            time.sleep(1e-3)
+        if bid and st == _DONE:
+            return True
+        self._fail(PeerLostError(f"Mooncake handshake with {session} ({self.desc.buffer.agent}) failed"))
+        self._te = None
+        return False
+
+    def submit(self, pieces: list[tuple[int, int, int]]) -> None:
+        """Submit (dst address, src address, nbytes) reads; non-blocking once the session is known."""
+        session = self.desc.buffer.address
         with self._cond:
-            for (dst_addr, src_addr), n in zip(pieces, lengths):
-                with self._te_lock:
-                    bid = self._te.batch_transfer_async_read(session, [dst_addr], [src_addr], [n])
+            if self._aborting or self._state.terminal:
+                return
+            for dst_addr, src_addr, n in pieces:
+                bid = self._te.batch_transfer_async_read(session, [dst_addr], [src_addr], [n])
                 if bid == 0:
-                    self._fail(PeerLostError(f"Mooncake could not submit a read from {session} "
-                                             f"(peer unreachable or refused the handshake)"))
+                    self._error = PeerLostError(f"Mooncake could not submit a read from {session}")
                     break
                 self._pending[bid] = n
                 self._quiet = False
             if self._pending:
                 self._start()
             else:
-                self._quiet = True
+                self._fail(self._error)
                 self._te = None
 
-    def _check(self) -> TransferError | None:
-        """Check every pending batch once; returns the first failure seen."""
-        err = None
+    def _check(self) -> None:
+        """Check every pending batch once; keep the first failure. A dead same-node source ends
+        the wait at once: Mooncake may never report reads from it (seen with TCP)."""
         for bid, n in list(self._pending.items()):
-            with self._te_lock:
-                st = self._te.transfer_check_status(bid)
+            st = self._te.transfer_check_status(bid)
             if st == _PENDING:
                 continue
             if st == _TIMEOUT:  # not freed by the binding: keep polling until it fails for good
-                err = err or PeerLostError(f"Mooncake read from {self.desc.buffer.address} timed out")
+                self._error = self._error or PeerLostError(f"Mooncake read from {self.desc.buffer.address} timed out")
                 continue
             del self._pending[bid]
             if st == _DONE:
                 self.bytes_done += n
             else:
-                err = err or PeerLostError(f"Mooncake read from {self.desc.buffer.address} failed "
-                                           f"(peer died, closed, or the range is not registered there)")
+                self._error = self._error or PeerLostError(
+                    f"Mooncake read from {self.desc.buffer.address} failed (peer died or closed, or "
+                    f"the range is not registered there)")
+        b = self.desc.buffer
+        if self._pending and not self._peer_alive(b.host, b.pid, b.pid_start):
+            self._pending.clear()  # abandoned: nobody is left to write into dst
+            self._error = PeerLostError(f"source process {b.pid} ({b.agent}) died during the transfer")
         if not self._pending:
             self._quiet = True
             self._cond.notify_all()
-        return err
 
     def _progress(self) -> None:
         with self._cond:
             if self._state.terminal or not self._pending:
                 return
-            self._error = self._error or self._check()
+            self._check()
             if self._pending:
                 return
             if self._error is not None:
@@ -104,7 +123,7 @@ class MooncakeTransfer(Transfer):
                 self._landed()
             self._te = None  # let close() free the engine even if callers keep this object
 
-    def _cancel(self) -> None:
+    def _cancel(self) -> bool:
         deadline = time.monotonic() + self.drain_timeout_s
         with self._cond:
             while self._pending and time.monotonic() < deadline:
@@ -112,8 +131,9 @@ class MooncakeTransfer(Transfer):
                 if self._pending:
                     self._cond.wait(1e-3)
             if self._pending:
-                raise RuntimeError(f"{self!r}: Mooncake reads did not finish within {self.drain_timeout_s}s")
+                return False  # a hung peer: Mooncake keeps the reads; quarantine the blocks
             self._te = None
+            return True
 
 
 class MooncakeTransport(Transport):
@@ -121,11 +141,11 @@ class MooncakeTransport(Transport):
 
     def __init__(self, *, protocol: str = "tcp", hostname: str = "127.0.0.1",
                  metadata_server: str = "P2PHANDSHAKE", device_name: str = "",
-                 checksum: bool = False, piece_nbytes: int = 16 << 20):
+                 checksum: bool = False, drain_timeout_s: float = 10.0, piece_nbytes: int = 16 << 20):
         """``protocol``: "tcp" or "rdma" (then ``device_name`` lists the NICs, e.g. "mlx5_0").
         ``hostname``: the name peers use to reach this engine (127.0.0.1 on one node).
         ``metadata_server``: "P2PHANDSHAKE" (no server) or an etcd/http URL."""
-        super().__init__(checksum=checksum)
+        super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         self.protocol = protocol
         self.piece_nbytes = piece_nbytes
         self._te = _engine_class()()
@@ -134,33 +154,45 @@ class MooncakeTransport(Transport):
             raise TransferError(f"Mooncake TransferEngine.initialize({hostname!r}, {metadata_server!r}, "
                                 f"{protocol!r}, {device_name!r}) failed (see its log above)")
         self.session = f"{hostname}:{self._te.get_rpc_port()}"
-        self._te_lock = threading.Lock()
+        self._known: set[str] = set()  # sessions whose handshake is done
+        self._scratch = self.allocate((64,), _uint8(), "cpu")  # first-contact reads land here
+        if self._te.register_memory(self._scratch.data_ptr(), 64, "cpu:0") != 0:
+            raise TransferError("Mooncake register_memory of a 64-byte scratch buffer failed")
 
     def _register(self, buf: Buffer, buffer_id: int) -> tuple[str, bytes]:
         ptr, n = buf.flat.data_ptr(), buf.flat.numel()
         location = "cpu:0" if buf.flat.device.type == "cpu" else f"cuda:{buf.flat.device.index or 0}"
-        with self._te_lock:
-            rc = self._te.register_memory(ptr, n, location)
+        rc = self._te.register_memory(ptr, n, location)
         if rc != 0:
             raise TransferError(f"Mooncake register_memory({n} bytes at {location}) failed with {rc}")
         buf.state["ptr"] = ptr
         return self.session, msgpack.packb(ptr)
 
     def _deregister(self, buf: Buffer) -> None:
-        with self._te_lock:
-            self._te.unregister_memory(buf.state["ptr"])
+        self._te.unregister_memory(buf.state["ptr"])
 
     def _pull(self, desc: ChunkDesc, dst: Buffer, dst_blocks: tuple[int, ...]) -> Transfer:
         b = desc.buffer
         if not self.peer_alive(b.host, b.pid, b.pid_start):
             return failed_transfer(desc, dst, dst_blocks, PeerLostError(f"source process {b.pid} ({b.agent}) is gone"))
         src_base, dst_base = msgpack.unpackb(b.handle), dst.flat.data_ptr()
-        pieces = list(split_runs(byte_runs(desc.block_ids, dst_blocks, desc.block_nbytes), self.piece_nbytes))
-        t = MooncakeTransfer(desc, dst, dst_blocks, self.peer_alive, self._te, self._te_lock)
-        t.submit(b.address, [(dst_base + d, src_base + s) for s, d, _ in pieces], [n for *_, n in pieces])
+        runs = byte_runs(desc.block_ids, dst_blocks, desc.block_nbytes)
+        pieces = [(dst_base + d, src_base + s, n) for s, d, n in split_runs(runs, self.piece_nbytes)]
+        t = MooncakeTransfer(desc, dst, dst_blocks, self.peer_alive, self._te)
+        if b.address in self._known:
+            t.submit(pieces)
+        else:  # the handshake may block: never in pull(), never into dst
+            threading.Thread(target=self._first_contact, args=(t, self._te, src_base, pieces),
+                             name="lmdisagg-mooncake-connect", daemon=True).start()
         return t
+
+    def _first_contact(self, t: MooncakeTransfer, te, src_base: int, pieces) -> None:
+        if t.connect(te, self._scratch.data_ptr(), src_base):
+            self._known.add(t.desc.buffer.address)
+            t.submit(pieces)
 
     def _close(self) -> None:
         for buf in list(self._buffers.values()):
             self._deregister(buf)
+        self._te.unregister_memory(self._scratch.data_ptr())
         self._te = None  # the engine's destructor stops its threads and closes its sockets

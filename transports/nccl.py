@@ -41,7 +41,8 @@ import torch.distributed as dist
 from lmdisagg.transports._blocks import byte_runs, split_runs, windows
 from lmdisagg.transports._wire import Channel, ChannelClosed
 from lmdisagg.transports.base import (
-    Buffer, ChunkDesc, PeerLostError, Transfer, TransferError, Transport, failed_transfer,
+    Buffer, ChunkDesc, PeerLostError, Transfer, TransferCorruptError, TransferError, Transport,
+    failed_transfer,
 )
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,15 @@ class NcclTransfer(Transfer):
             self._quiet = False
             return True
 
-    def _cancel(self) -> None:
+    def _cancel(self) -> bool:
         """Drain the windows in flight; if the peer is too slow, cut the pair (its serving
         thread then drops the group, so nothing more lands)."""
         with self._cond:
             if self._cond.wait_for(lambda: self._quiet, self.drain_timeout_s):
-                return
+                return True
         self.link.cut(PeerLostError(f"peer {self.desc.buffer.agent} did not finish a window in "
                                     f"{self.drain_timeout_s}s; pair torn down"))
+        return True
 
 
 class _Link:
@@ -212,7 +214,9 @@ class _Link:
                     self._wait(works)
                     x.bytes_done += nbytes
         except (ChannelClosed, OSError, RuntimeError) as e:
-            err = self.broken or PeerLostError(f"nccl pull from {self.source} failed: {self._remote_error or e}")
+            if len(self.threads) > 1:  # let the reader report the source's own reason first
+                self.threads[1].join(0.5)
+            err = self.broken or PeerLostError(f"nccl pull from {self.source} failed: {e}")
             self.cut(err)
         finally:
             if self.broken is not None:
@@ -253,13 +257,18 @@ class _Link:
             while True:
                 msg = self.ch.recv()
                 if msg.get("op") == "error":  # the source tears the pair down right after
-                    self._remote_error = msg["msg"]
+                    self._remote_error = msg
         except ChannelClosed as e:
             with self._cv:
                 stopping = self._stopping and not self._jobs and self._current is None
-            if not stopping:
-                why = self._remote_error or f"the source died or closed ({e})"
-                self.cut(PeerLostError(f"nccl pair with {self.source} lost: {why}"))
+            if stopping:
+                return
+            err = self._remote_error
+            if err is None:
+                self.cut(PeerLostError(f"nccl pair with {self.source} lost: the source died or closed ({e})"))
+            else:
+                cls = TransferCorruptError if err.get("kind") == "range" else TransferError
+                self.cut(cls(f"nccl pull from {self.source} refused: {err['msg']}"))
 
 
 class _Peer:
@@ -303,13 +312,14 @@ class _Peer:
 
     def _serve(self, msg) -> None:
         buf = self.tx._buffers.get(msg["buffer"])
-        bad = None
+        bad = kind = None
         if buf is None:
-            bad = f"buffer {msg['buffer']} is not registered on {self.tx.agent}"
+            bad, kind = f"buffer {msg['buffer']} is not registered on {self.tx.agent}", "gone"
         elif any(off < 0 or off + n > buf.desc.nbytes for off, n in msg["pieces"]):
-            bad = f"requested bytes lie outside buffer {msg['buffer']} ({buf.desc.nbytes} bytes): truncated descriptor"
+            bad, kind = (f"requested bytes lie outside buffer {msg['buffer']} ({buf.desc.nbytes} bytes) "
+                         f"of {self.tx.agent}: truncated descriptor"), "range"
         if bad is not None:  # reply, then tear the pair down: the peer's posted recvs must fail
-            self.ch.send({"op": "error", "tag": msg["tag"], "msg": bad})
+            self.ch.send({"op": "error", "kind": kind, "tag": msg["tag"], "msg": bad})
             raise ChannelClosed(bad)
         self.sends.append([self.pg.send([buf.flat[off:off + n]], 1, msg["tag"] + j)
                            for j, (off, n) in enumerate(msg["pieces"])])
@@ -319,13 +329,13 @@ class NcclTransport(Transport):
     name = "nccl"
 
     def __init__(self, *, backend: str = "auto", host: str = "127.0.0.1", checksum: bool = False,
-                 window_nbytes: int = 64 << 20, connect_timeout_s: float = 30.0,
-                 op_timeout_s: float = 30.0, device: int | None = None):
+                 drain_timeout_s: float = 10.0, window_nbytes: int = 64 << 20,
+                 connect_timeout_s: float = 30.0, op_timeout_s: float = 30.0, device: int | None = None):
         """``backend``: "nccl" (CUDA buffers), "gloo" (CPU buffers) or "auto" (nccl when CUDA is
         available). ``host``: the address this worker serves on (loopback on one node).
         ``op_timeout_s`` bounds one window's send/recv (a gloo receive from a dead peer ends only
         then, though its transfer FAILS at once); ``device``: CUDA device of the serving threads."""
-        super().__init__(checksum=checksum)
+        super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend not in ("nccl", "gloo"):

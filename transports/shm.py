@@ -20,7 +20,6 @@ Mappings stay valid for tensors that still use them (the engine's cache outlives
 """
 from __future__ import annotations
 
-import mmap
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,27 +40,27 @@ PREFIX = "lmdisagg-"
 
 
 class Segment:
-    """One named shared-memory segment, mapped read-write in this process."""
+    """One named shared-memory segment, mapped read-write in this process. The mapping holds
+    no file descriptor and is unmapped when the last tensor using it is freed."""
 
     def __init__(self, name: str, nbytes: int, create: bool):
         self.name = name
         path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-        try:
-            if create:
-                # reserve the pages now: a full /dev/shm fails here, not with SIGBUS later
-                os.posix_fallocate(fd, 0, nbytes)
-            else:
-                nbytes = os.fstat(fd).st_size
-            self.nbytes = nbytes
-            self.mm = mmap.mmap(fd, nbytes)
-        except BaseException:
-            os.close(fd)
-            if create:
+        if create:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)  # a full /dev/shm fails here, not with SIGBUS later
+            except BaseException:
                 os.unlink(path)
-            raise
-        os.close(fd)
-        self.flat = torch.from_numpy(np.frombuffer(self.mm, dtype=np.uint8))  # [nbytes] uint8
+                raise
+            finally:
+                os.close(fd)
+        else:
+            nbytes = os.stat(path).st_size
+            if nbytes == 0:
+                raise ValueError(f"{path} is empty")
+        self.nbytes = nbytes
+        self.flat = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)  # [nbytes]
 
     def contains(self, t: torch.Tensor) -> int | None:
         """Byte offset of a CPU tensor's memory inside this segment, or None."""
@@ -72,11 +71,7 @@ class Segment:
         return None
 
     def unmap(self) -> None:
-        self.flat = None
-        try:
-            self.mm.close()
-        except BufferError:  # tensors still use it (e.g. the engine's cache): freed with them
-            pass
+        self.flat = None  # tensors still using the memory (the engine's cache) keep it mapped
 
 
 def segment_name(pid: int, start: int) -> str:
@@ -143,11 +138,11 @@ class ShmTransfer(Transfer):
 class ShmTransport(Transport):
     name = "shm"
 
-    def __init__(self, *, checksum: bool = False, inline_nbytes: int = 1 << 20,
-                 piece_nbytes: int = 16 << 20, workers: int = 1):
+    def __init__(self, *, checksum: bool = False, drain_timeout_s: float = 10.0,
+                 inline_nbytes: int = 1 << 20, piece_nbytes: int = 16 << 20, workers: int = 1):
         """``inline_nbytes``: pulls up to this size copy inside ``pull`` (lowest fixed cost).
         ``piece_nbytes``: unit of progress, abort and liveness checks for larger pulls."""
-        super().__init__(checksum=checksum)
+        super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         self.inline_nbytes = inline_nbytes
         self.piece_nbytes = piece_nbytes
         self._owned: dict[str, Segment] = {}   # segments this process created
