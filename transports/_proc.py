@@ -13,8 +13,11 @@ import threading
 HOSTNAME = socket.gethostname()
 
 
+PF_EXITING = 0x4  # include/linux/sched.h: set as soon as the process starts dying
+
+
 def start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot; None if it is gone or a zombie."""
+    """Start time of ``pid`` in clock ticks since boot; None if it is gone, dying or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -22,7 +25,7 @@ def start_ticks(pid: int) -> int | None:
         return None
     # the command name (field 2) may hold spaces and parentheses: split after the last ')'
     fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):  # field 3: state
+    if fields[0] in (b"Z", b"X") or int(fields[6]) & PF_EXITING:  # fields 3 (state), 9 (flags)
         return None
     return int(fields[19])  # field 22: starttime
 
@@ -32,7 +35,7 @@ def self_identity() -> tuple[int, int]:
     return pid, start_ticks(pid) or 0
 
 
-def alive(host: str, pid: int, start: int) -> bool:
+def alive(host: str, pid: int, start: int, strict: bool = True) -> bool:
     """Whether the process (pid, start) on ``host`` still runs. Peers on other hosts are assumed
     alive here: their transports detect loss on the medium itself (connection reset, timeouts)."""
     if host != HOSTNAME:
@@ -48,9 +51,13 @@ class ProcWatch:
         self._fds: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
 
-    def alive(self, host: str, pid: int, start: int) -> bool:
+    def alive(self, host: str, pid: int, start: int, strict: bool = False) -> bool:
+        """``strict`` also reads /proc (~30 µs) to see a process that is dying but not yet
+        exited (tearing down a big address space takes milliseconds)."""
         if host != HOSTNAME:
             return True
+        if strict and start_ticks(pid) != start:
+            return False
         key = (pid, start)
         with self._lock:
             fd = self._fds.get(key)

@@ -265,7 +265,7 @@ class Transfer:
     def _landed(self) -> None:
         """Every byte is in dst: check the source was alive throughout, then the checksums."""
         b = self.desc.buffer
-        if not self._peer_alive(b.host, b.pid, b.pid_start):
+        if not self._peer_alive(b.host, b.pid, b.pid_start, self.nbytes >= 1 << 20):
             self._fail(PeerLostError(f"source process {b.pid} ({b.agent}) died during the transfer"))
             return
         if self.desc.checksums:
@@ -307,8 +307,8 @@ class Transport(abc.ABC):
         self._closed = False
         self._watch = ProcWatch()  # liveness of same-node peers (one pidfd each)
 
-    def peer_alive(self, host: str, pid: int, start: int) -> bool:
-        return self._watch.alive(host, pid, start)
+    def peer_alive(self, host: str, pid: int, start: int, strict: bool = False) -> bool:
+        return self._watch.alive(host, pid, start, strict)
 
     def __enter__(self):
         return self

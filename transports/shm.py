@@ -116,7 +116,7 @@ class ShmTransfer(Transfer):
             for i, (s, d, n) in enumerate(pieces):
                 if self.aborting:
                     return
-                if i and not self._peer_alive(b.host, b.pid, b.pid_start):
+                if i and not self._peer_alive(b.host, b.pid, b.pid_start, True):
                     self._fail(PeerLostError(f"source process {b.pid} ({b.agent}) died during the transfer"))
                     return
                 self._copy(src, s, d, n)
