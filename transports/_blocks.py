@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-import xxhash
-
 
 def byte_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int],
               block_nbytes: int) -> list[tuple[int, int, int]]:
@@ -47,6 +45,7 @@ def windows(pieces: Sequence[tuple[int, int, int]], window_nbytes: int) -> Itera
 
 def block_checksums(flat_u8, block_ids: Sequence[int], block_nbytes: int) -> tuple[int, ...]:
     """xxh3_64 of each block of a flat uint8 tensor (CPU or CUDA; CUDA blocks are copied to host)."""
+    import xxhash
     out = []
     for b in block_ids:
         view = flat_u8[b * block_nbytes:(b + 1) * block_nbytes]

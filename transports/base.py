@@ -319,10 +319,15 @@ class Transport(abc.ABC):
     # --- memory --------------------------------------------------------------------------------
     def allocate(self, shape: tuple[int, ...], dtype: "torch.dtype", device) -> "torch.Tensor":
         """A zeroed contiguous tensor in memory this medium moves best; fits
-        ``Engine(kv_allocator=transport.allocate)``. Default: ordinary memory."""
-        from lmdisagg.engine.model_runner import allocate_kv
+        ``Engine(kv_allocator=transport.allocate)``. Default: ordinary memory (on CPU calloc'd,
+        so pages are zeroed lazily, as the engine's own allocator does)."""
+        import numpy as np
         import torch
-        return allocate_kv(tuple(shape), dtype, torch.device(device))
+        device = torch.device(device)
+        if device.type != "cpu":
+            return torch.zeros(tuple(shape), dtype=dtype, device=device)
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(tuple(shape))
 
     def register(self, tensor: "torch.Tensor") -> Buffer:
         """Make a contiguous tensor (typically ``engine.kv_buffer``) reachable by peers: as a

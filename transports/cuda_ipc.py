@@ -48,6 +48,9 @@ class CudaIpcTransfer(Transfer):
             dsts = [dst[d:d + n] for _, d, n in runs]    # [n] uint8 views
             srcs = [src[s:s + n] for s, _, n in runs]
             if src.device == dst.device and len(runs) > 1:
+                if all(s % 8 == 0 and d % 8 == 0 and n % 8 == 0 for s, d, n in runs):
+                    dsts = [t.view(torch.int64) for t in dsts]  # 8-byte elements: wide loads
+                    srcs = [t.view(torch.int64) for t in srcs]
                 torch._foreach_copy_(dsts, srcs, non_blocking=True)  # few launches for many blocks
             else:
                 for a, b in zip(dsts, srcs):
@@ -153,6 +156,9 @@ class CudaIpcTransport(Transport):
         except TransferError as e:
             return failed_transfer(desc, dst, dst_blocks, e)
         runs = byte_runs(desc.block_ids, dst_blocks, desc.block_nbytes)
+        if max(s + n for s, _, n in runs) > src.numel():
+            return failed_transfer(desc, dst, dst_blocks, TransferCorruptError(
+                f"descriptor of {b.agent} reaches past its {src.numel()}-byte buffer (truncated)"))
         t = CudaIpcTransfer(desc, dst, dst_blocks, self.peer_alive)
         t.launch(src, runs, self._stream(dst.flat.device))
         return t

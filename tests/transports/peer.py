@@ -26,7 +26,7 @@ def main(conn, name: str, options: dict, device: str) -> None:
     from tests.transports import leaks
     # one-time global state (library threads, torch's thread pool) is not a leak
     create_transport(name, **options).close()
-    fill(torch.empty(1 << 20, dtype=torch.uint8), 0)
+    fill(torch.empty(1 << 20, dtype=torch.uint8, device=device), 0)
     before = leaks.snapshot()
     tx = create_transport(name, **options)
     bufs, engine, pinned = {}, None, []
@@ -45,9 +45,11 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 buf = bufs[bid]
                 out = (tx.describe(buf, block_ids, block_nbytes, checksum=checksum),
                        digests(buf.flat, block_ids, block_nbytes))
-            elif op == "corrupt":  # flip one byte of a registered buffer
+            elif op == "corrupt":  # flip one byte of what the medium serves
                 bid, offset = args
-                view = bufs[bid].flat[offset:offset + 1]
+                mirror = bufs[bid].state.get("mirror")  # shm staging serves a host copy
+                flat = tx._owned[mirror].flat if mirror else bufs[bid].flat
+                view = flat[offset:offset + 1]
                 view.copy_(view ^ torch.ones_like(view))
                 out = None
             elif op == "engine":  # prefill a prompt; its chunks stay pinned for the puller
