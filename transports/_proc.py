@@ -16,18 +16,22 @@ HOSTNAME = socket.gethostname()
 PF_EXITING = 0x4  # include/linux/sched.h: set as soon as the process starts dying
 
 
-def start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot; None if it is gone, dying or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
+def _parse_stat(stat: bytes) -> int | None:
+    """starttime from /proc/<pid>/stat, or None for a zombie or dying process."""
     # the command name (field 2) may hold spaces and parentheses: split after the last ')'
     fields = stat[stat.rindex(b")") + 2:].split()
     if fields[0] in (b"Z", b"X") or int(fields[6]) & PF_EXITING:  # fields 3 (state), 9 (flags)
         return None
     return int(fields[19])  # field 22: starttime
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; None if it is gone, dying or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return _parse_stat(f.read())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
 
 
 def self_identity() -> tuple[int, int]:
@@ -44,48 +48,62 @@ def alive(host: str, pid: int, start: int, strict: bool = True) -> bool:
 
 
 class ProcWatch:
-    """Cached liveness checks: one pidfd per watched process, polled without blocking (a few
-    microseconds; a plain /proc read costs ~30). Owned by a transport, closed with it."""
+    """Cached liveness checks of same-node processes. Per process it keeps a pidfd (readable once
+    the process has exited: a non-blocking poll costs a few µs) and an open /proc/<pid>/stat
+    (re-read with pread for ``strict`` checks, which also see a process that is dying but not
+    yet gone: tearing down a large address space takes milliseconds). Owned by a transport."""
 
     def __init__(self):
-        self._fds: dict[tuple[int, int], int] = {}
+        self._fds: dict[tuple[int, int], tuple[int, int]] = {}  # (pid, start) -> (pidfd, stat fd)
         self._lock = threading.Lock()
 
     def alive(self, host: str, pid: int, start: int, strict: bool = False) -> bool:
-        """``strict`` also reads /proc (~30 µs) to see a process that is dying but not yet
-        exited (tearing down a big address space takes milliseconds)."""
         if host != HOSTNAME:
             return True
-        if strict and start_ticks(pid) != start:
-            return False
         key = (pid, start)
         with self._lock:
-            fd = self._fds.get(key)
-            if fd is None:
-                fd = self._open(pid, start)
-                if fd is None:
+            fds = self._fds.get(key)
+            if fds is None:
+                fds = self._open(pid, start)
+                if fds is None:
                     return False
-                self._fds[key] = fd
-            if select.select([fd], [], [], 0)[0]:  # readable = the process has exited
-                os.close(self._fds.pop(key))
-                return False
-            return True
+                self._fds[key] = fds
+            pidfd, statfd = fds
+            dead = bool(select.select([pidfd], [], [], 0)[0])
+            if not dead and strict:
+                try:
+                    dead = _parse_stat(os.pread(statfd, 1024, 0)) != start
+                except OSError:  # reaped
+                    dead = True
+            if dead:
+                for fd in self._fds.pop(key):
+                    os.close(fd)
+            return not dead
 
     @staticmethod
-    def _open(pid: int, start: int) -> int | None:
-        if start_ticks(pid) != start:
+    def _open(pid: int, start: int) -> tuple[int, int] | None:
+        try:
+            statfd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        except OSError:
             return None
         try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.close(statfd)
             return None
-        if start_ticks(pid) != start:  # the pid was reused between the two reads
-            os.close(fd)
+        try:  # checked after both opens: a reused pid cannot slip in between
+            ok = _parse_stat(os.pread(statfd, 1024, 0)) == start
+        except OSError:
+            ok = False
+        if not ok:
+            os.close(statfd)
+            os.close(pidfd)
             return None
-        return fd
+        return pidfd, statfd
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fds in self._fds.values():
+                for fd in fds:
+                    os.close(fd)
             self._fds.clear()

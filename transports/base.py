@@ -155,6 +155,8 @@ class Transfer:
     when it stops touching the destination) or override ``_progress`` (polled media)."""
 
     drain_timeout_s = 10.0  # abort(): longest wait for the medium to stop (set by the transport)
+    spin_s = 0.0  # polled media: wait() polls without sleeping this long first (timed sleeps
+    #               cost ~60 µs of latency each; worker-driven media wake wait() directly)
 
     def __init__(self, desc: ChunkDesc, dst: Buffer, dst_blocks: tuple[int, ...], peer_alive=alive):
         self.desc = desc
@@ -190,7 +192,8 @@ class Transfer:
     def wait(self, timeout: float) -> None:
         """Block until DONE (return) or FAILED (raise its TransferError). After ``timeout``
         seconds the transfer is aborted and ``TransferTimeoutError`` raised."""
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline, spin_until = now + timeout, now + self.spin_s
         delay = 0.0
         while True:
             st = self.poll()
@@ -198,7 +201,10 @@ class Transfer:
                 return
             if st is TransferState.FAILED:
                 raise self.error
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if now < spin_until:
+                continue
+            left = deadline - now
             if left <= 0:
                 self._stop(TransferTimeoutError(
                     f"KV transfer from {self.desc.buffer.agent} timed out after {timeout:.3g}s "

@@ -34,6 +34,8 @@ def device_uuid(index: int) -> str:
 
 
 class CudaIpcTransfer(Transfer):
+    spin_s = 2e-3  # copies of up to a few GiB finish within a few ms: poll the event closely
+
     def __init__(self, *args):
         super().__init__(*args)
         self._event: torch.cuda.Event | None = None

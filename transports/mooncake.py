@@ -44,6 +44,8 @@ class MooncakeTransfer(Transfer):
     """Submitted pieces, polled by whoever calls poll()/wait(). ``_cond`` guards the batch ids:
     the binding frees a batch once it reports it finished, so each id is checked until then only."""
 
+    spin_s = 2e-4  # a small read over loopback TCP takes ~100 µs
+
     def __init__(self, desc, dst, dst_blocks, peer_alive, te):
         super().__init__(desc, dst, dst_blocks, peer_alive)
         self._te = te
