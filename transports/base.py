@@ -203,6 +203,7 @@ class Transfer:
                 raise self.error
             now = time.monotonic()
             if now < spin_until:
+                time.sleep(0)  # yield the GIL to the process's other threads
                 continue
             left = deadline - now
             if left <= 0:

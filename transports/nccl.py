@@ -249,6 +249,7 @@ class _Link:
             if self.broken is not None:
                 raise self.broken
             if time.monotonic() < spin_until:
+                time.sleep(0)  # yield the GIL to the process's other threads
                 continue
             with self._cv:
                 if self.broken is None:
