@@ -66,3 +66,8 @@ def test_misuse_raises_at_once():
             create_transport("fake").pull(desc, dst, [0, 1])
         with pytest.raises(TransferError, match="contiguous"):
             tx.register(torch.zeros(4, 64)[:, ::2])
+
+
+def test_cpu_media_are_all_available_here():
+    from lmdisagg.transports import available_transports
+    assert set(available_transports("cpu")) == {"shm", "fake", "nccl", "mooncake"}
