@@ -1,0 +1,328 @@
+"""KV transport bandwidth: every transport × payload, against the link's limit measured in the same run.
+
+    python benchmarks/transport_bw.py                     # CPU: shm, fake, nccl (gloo), mooncake (tcp)
+    python benchmarks/transport_bw.py --device cuda       # GPU: cuda_ipc (same GPU, GPU0→GPU1),
+                                                          #      nccl (GPU0→GPU1), shm (CUDA staging)
+
+The source lives in another process (spawned, as workers are): it allocates one buffer with its
+transport's allocator (so shm serves it zero-copy, like a prefill engine made with
+``kv_allocator=tx.allocate``), fills it, registers it and describes blocks on request. This process
+pulls into a registered destination buffer in ordinary memory (a decode engine's default cache). Timed: ``pull`` + ``wait`` of
+``size // block`` contiguous blocks (the descriptor is made beforehand, not timed). Each size: one
+warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls;
+the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
+``first_contact_ms``: the very first pull (handshakes, IPC opens, pair groups).
+
+Limits, timed the same way in this process: host memcpy (shm, fake), loopback TCP between two
+processes (nccl-gloo, mooncake-tcp), device-to-device copy (same-GPU IPC), torch peer copy
+(cross-GPU IPC, NCCL), pinned host-to-device copy (shm staging for CUDA).
+Needs no Ray and no pydantic. Writes benchmarks/results/transport_<tag>.json (+ .png).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# OpenMP threads that spin between parallel regions turn a 1 MiB copy into ~8 ms on a shared,
+# oversubscribed host (measured here); sleeping waiters give both the limit and the transports
+# their real speed. Read by OpenMP when torch loads, so set before the import (children inherit).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from lmdisagg.transports import create_transport  # noqa: E402
+
+MiB = 1 << 20
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK = 2 * MiB  # one KV chunk of a mid-size model in bf16
+
+# label: (transport, options, source device, destination device, limit)
+CPU_MEDIA = {
+    "shm": ("shm", {}, "cpu", "cpu", "host memcpy"),
+    "fake": ("fake", {}, "cpu", "cpu", "host memcpy"),
+    "nccl (gloo)": ("nccl", {"backend": "gloo"}, "cpu", "cpu", "loopback TCP"),
+    "mooncake (tcp)": ("mooncake", {"protocol": "tcp"}, "cpu", "cpu", "loopback TCP"),
+}
+CUDA_MEDIA = {
+    "cuda_ipc (same GPU)": ("cuda_ipc", {}, "cuda:0", "cuda:0", "D2D copy"),
+    "cuda_ipc (GPU0→GPU1)": ("cuda_ipc", {}, "cuda:0", "cuda:1", "peer copy"),
+    "nccl (GPU0→GPU1)": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1", "peer copy"),
+    "shm (CUDA staging)": ("shm", {}, "cuda:0", "cuda:0", "pinned copy"),
+}
+
+
+# --- the source process ------------------------------------------------------------------------
+def pattern(n: int, offset: int = 0) -> torch.Tensor:
+    """The bytes the source writes: position-dependent, cheap to regenerate for checks."""
+    start, words = offset // 8, -(-n // 8)
+    w = torch.arange(start, start + words, dtype=torch.int64).mul_(0x9E3779B1).add_(17)
+    return w.view(torch.uint8)[:n]
+
+
+def source_main(conn, name: str, options: dict, device: str, nbytes: int) -> None:
+    tx = create_transport(name, **options)
+    t = tx.allocate((nbytes,), torch.uint8, device)
+    for off in range(0, nbytes, 256 * MiB):
+        n = min(256 * MiB, nbytes - off)
+        t[off:off + n].copy_(pattern(n, off).to(t.device))
+    buf = tx.register(t)
+    while True:
+        op, *args = conn.recv()
+        if op == "describe":
+            ids, block, checksum = args
+            conn.send(tx.describe(buf, ids, block, checksum=checksum))
+        elif op == "tcp":  # the loopback TCP limit: send n bytes to a port of the parent
+            port, n = args
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
+                s.sendall(memoryview(t.numpy())[:n])
+            conn.send(None)
+        else:
+            tx.close()
+            conn.send(None)
+            return
+
+
+class Source:
+    def __init__(self, name, options, device, nbytes):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=source_main, args=(child, name, options, device, nbytes), daemon=True)
+        self.proc.start()
+
+    def call(self, *msg, timeout=600):
+        self.conn.send(msg)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"source did not answer {msg[0]}")
+        return self.conn.recv()
+
+    def close(self):
+        self.call("exit")
+        self.proc.join(60)
+
+
+# --- timing ------------------------------------------------------------------------------------
+def reps_for(nbytes: int) -> int:
+    return max(5, min(50, (512 * MiB) // nbytes))
+
+
+def timed_pair(fn, limit_fn, nbytes: int, sync=lambda: None) -> tuple[list[float], list[float]]:
+    """Seconds of each timed call of ``fn`` and of ``limit_fn``, after one warm-up each, timed
+    alternately so that both see the same machine (other processes come and go on a shared host)."""
+    fn(); sync(); limit_fn(); sync()  # noqa: E702
+    a, b = [], []
+    for _ in range(reps_for(nbytes)):
+        for f, out in ((fn, a), (limit_fn, b)):
+            t0 = time.perf_counter()
+            f()
+            sync()
+            out.append(time.perf_counter() - t0)
+    return a, b
+
+
+def cuda_sync():
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+
+
+def limit_op(kind: str, nbytes: int, tcp_source: Source | None):
+    """(fn, sync, cleanup): one raw copy of ``nbytes`` over the medium's underlying link."""
+    if kind == "host memcpy":
+        a, b = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+        return (lambda: b.copy_(a)), (lambda: None), (lambda: None)
+    if kind == "loopback TCP":
+        view = memoryview(bytearray(nbytes))
+        srv = socket.create_server(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+
+        def once():
+            tcp_source.conn.send(("tcp", port, nbytes))
+            conn, _ = srv.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MiB)
+            with conn:
+                got = 0
+                while got < nbytes:
+                    got += conn.recv_into(view[got:], nbytes - got)
+            tcp_source.conn.recv()
+        return once, (lambda: None), srv.close
+    dev0 = torch.device("cuda:0")
+    if kind == "D2D copy":
+        a, b = torch.ones(nbytes, dtype=torch.uint8, device=dev0), torch.zeros(nbytes, dtype=torch.uint8, device=dev0)
+    elif kind == "peer copy":
+        a = torch.ones(nbytes, dtype=torch.uint8, device=dev0)
+        b = torch.zeros(nbytes, dtype=torch.uint8, device="cuda:1")
+    elif kind == "pinned copy":
+        a = torch.ones(nbytes, dtype=torch.uint8).pin_memory()
+        b = torch.zeros(nbytes, dtype=torch.uint8, device=dev0)
+    else:
+        raise ValueError(kind)
+    return (lambda: b.copy_(a, non_blocking=True)), cuda_sync, (lambda: None)
+
+
+def bench_medium(label, spec, sizes, tcp_source):
+    name, options, src_dev, dst_dev, limit = spec
+    top = max(sizes)
+    src = Source(name, options, src_dev, top)
+    tx = create_transport(name, **options)
+    # the destination is a decode engine's cache in its own (default) memory; pages faulted in,
+    # as a running worker's cache is
+    dst = tx.register(torch.zeros(top, dtype=torch.uint8, device=dst_dev))
+    try:
+        tiny = src.call("describe", [0], 4096, False)
+        t0 = time.perf_counter()
+        tx.pull(tiny, dst, [0]).wait(600)
+        first_ms = (time.perf_counter() - t0) * 1e3
+        lat = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            tx.pull(tiny, dst, [0]).wait(60)
+            lat.append(time.perf_counter() - t0)
+        fixed_us = statistics.median(lat[50:]) * 1e6
+        rows = []
+        for size in sizes:
+            block = min(size, BLOCK)
+            ids = list(range(size // block))
+            desc = src.call("describe", ids, block, False)
+            tx.pull(desc, dst, ids).wait(600)
+            dst.flat[:size].zero_()
+            tx.pull(desc, dst, ids).wait(600)
+            if not torch.equal(dst.flat[:size].cpu(), pattern(size)):
+                raise AssertionError(f"{label}: bytes differ after a {size}-byte pull")
+            lim_fn, sync, cleanup = limit_op(limit, size, tcp_source)
+            try:
+                secs, lim = timed_pair(lambda: tx.pull(desc, dst, ids).wait(600), lim_fn, size, sync)
+            finally:
+                cleanup()
+            gbps, limit_gbps = size / statistics.median(secs) / 1e9, size / statistics.median(lim) / 1e9
+            best, limit_best = size / min(secs) / 1e9, size / min(lim) / 1e9
+            # each transport run is paired with the limit run right after it: the median of the
+            # pairs' ratios follows the machine's load as it changes
+            ratio = statistics.median(b / a for a, b in zip(secs, lim))
+            rows.append({"transport": label, "bytes": size, "gbps": round(gbps, 3),
+                         "limit_gbps": round(limit_gbps, 3), "ratio": round(ratio, 3),
+                         "fixed_us": round(fixed_us, 1), "limit": limit,
+                         "first_contact_ms": round(first_ms, 2), "reps": len(secs),
+                         "gbps_best": round(best, 3), "limit_gbps_best": round(limit_best, 3),
+                         "ratio_best": round(best / limit_best, 3)})
+            r = rows[-1]
+            print(f"{label:22s} {size / MiB:7.0f} MiB {r['gbps']:8.2f} GB/s  limit {r['limit_gbps']:8.2f} "
+                  f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f})  fixed {fixed_us:7.1f} µs",
+                  flush=True)
+        return rows
+    finally:
+        tx.close()
+        src.close()
+
+
+# --- report ------------------------------------------------------------------------------------
+def hardware(device: str) -> str:
+    cpu = platform.processor() or "cpu"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpus = "no GPU"
+    if device == "cuda":
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        gpus = f"{len(names)}x {names[0]}" if names else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpus}, torch {torch.__version__}"
+
+
+def tag(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + f"-x{torch.cuda.device_count()}"
+    return f"cpu-{os.cpu_count()}core"
+
+
+def plot(rows, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, label in enumerate(dict.fromkeys(r["transport"] for r in rows)):
+        rs = [r for r in rows if r["transport"] == label]
+        color = f"C{i}"
+        ax.plot([r["bytes"] / MiB for r in rs], [r["gbps"] for r in rs], "o-", color=color, label=label)
+        ax.plot([r["bytes"] / MiB for r in rs], [r["limit_gbps"] for r in rs], "--", color=color, alpha=0.5,
+                label=f"limit: {rs[0]['limit']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("payload (MiB)")
+    ax.set_ylabel("GB/s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--sizes-mib", default="1,4,16,64,256,1024")
+    ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL bootstrap on loopback
+    sizes = [int(s) * MiB for s in args.sizes_mib.split(",")]
+    media = dict(CPU_MEDIA if args.device == "cpu" else CUDA_MEDIA)
+    if args.only:
+        media = {k: v for k, v in media.items() if k in args.only.split(",")}
+    skipped = {}
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        for k in [k for k, v in media.items() if "cuda:1" in v[3]]:
+            skipped[k] = "needs 2 GPUs"
+            del media[k]
+    tcp_source = None
+    if any(v[4] == "loopback TCP" for v in media.values()):
+        tcp_source = Source("fake", {}, "cpu", max(sizes))
+    rows = []
+    try:
+        for label, spec in media.items():
+            try:
+                rows += bench_medium(label, spec, sizes, tcp_source)
+            except Exception as e:  # one medium failing (say, a small /dev/shm) must not hide the others
+                print(f"{label}: FAILED {e!r}", flush=True)
+                skipped[label] = f"failed: {e!r}"
+    finally:
+        if tcp_source is not None:
+            tcp_source.close()
+    hw = hardware(args.device)
+    out = {"benchmark": "transport_bw", "hardware": hw, "load_average": os.getloadavg()[0],
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks; describe not timed; "
+           "gbps/limit_gbps: medians; ratio: median of paired runs (transport, then limit); "
+           "*_best: fastest run of each",
+           "skipped": skipped, "results": rows}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"transport_{tag(args.device)}.json"
+    path.write_text(json.dumps(out, indent=1))
+    plot(rows, path.with_suffix(".png"), f"KV transports vs link limit — {hw}")
+    print(f"\n{'transport':22s} {'MiB':>7s} {'GB/s':>8s} {'limit':>8s} {'ratio':>6s} {'best':>6s} "
+          f"{'fixed µs':>9s} {'1st ms':>8s}  (medians; best = fastest run of each)")
+    for r in rows:
+        print(f"{r['transport']:22s} {r['bytes'] / MiB:7.0f} {r['gbps']:8.2f} {r['limit_gbps']:8.2f} "
+              f"{r['ratio']:6.2f} {r['ratio_best']:6.2f} {r['fixed_us']:9.1f} {r['first_contact_ms']:8.1f}")
+    for k, why in skipped.items():
+        print(f"{k}: skipped ({why})")
+    print(f"wrote {path} (+ .png); load average {out['load_average']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Fixtures of the transport contract suite: every medium available here, a source peer in a
+separate process (spawned, as workers are), and a destination transport in the test process."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import zlib
+
+import pytest
+
+from tests.transports import peer as peer_main
+
+gpu = pytest.mark.gpu
+
+# id -> (transport, options, source device, destination device). Short drain/op timeouts keep the
+# failure tests quick; defaults are longer.
+MEDIA = {
+    "shm": ("shm", {}, "cpu", "cpu"),
+    "fake": ("fake", {"latency_s": 0.002, "bandwidth_gbps": 2.0}, "cpu", "cpu"),
+    "nccl-gloo": ("nccl", {"backend": "gloo", "op_timeout_s": 10.0}, "cpu", "cpu"),
+    "mooncake-tcp": ("mooncake", {"protocol": "tcp"}, "cpu", "cpu"),
+    "cuda_ipc": ("cuda_ipc", {}, "cuda:0", "cuda:0"),
+    "cuda_ipc-2gpu": ("cuda_ipc", {}, "cuda:0", "cuda:1"),
+    "nccl-cuda": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1"),
+    "shm-cuda": ("shm", {}, "cuda:0", "cuda:0"),
+}
+CPU_MEDIA = ["shm", "fake", "nccl-gloo", "mooncake-tcp"]
+GPU_MEDIA = ["cuda_ipc", "cuda_ipc-2gpu", "nccl-cuda", "shm-cuda"]
+DRAIN_S = 3.0
+
+
+def medium_params():
+    return [pytest.param(m, id=m) for m in CPU_MEDIA] + [pytest.param(m, id=m, marks=gpu) for m in GPU_MEDIA]
+
+
+def side_options(medium: str, device: str) -> dict:
+    name, options, *_ = MEDIA[medium]
+    out = {**options, "drain_timeout_s": DRAIN_S}
+    if name == "nccl" and device.startswith("cuda"):
+        out["device"] = int(device.split(":")[1])
+    return out
+
+
+def need_devices(*devices: str) -> None:
+    import torch
+    need = 1 + max([int(d.split(":")[1]) for d in devices if d.startswith("cuda")] or [-1])
+    if need and torch.cuda.device_count() < need:
+        pytest.skip(f"needs {need} GPUs")  # gpu-marked media only
+
+
+class Peer:
+    """A source process (tests/transports/peer.py) driven over a pipe."""
+
+    def __init__(self, medium: str):
+        name, _, device, _ = MEDIA[medium]
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=peer_main.main, args=(child, name, side_options(medium, device), device),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+
+    def call(self, op: str, *args, timeout: float = 120.0):
+        self.conn.send((op, *args))
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"peer did not answer {op!r} within {timeout}s")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"peer failed {op!r}: {value}")
+        return value
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(10)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("exit", timeout=30)
+            except (OSError, EOFError, TimeoutError):
+                pass
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.kill()
+        self.conn.close()
+        self.proc.close()
+
+
+@pytest.fixture(scope="module", params=medium_params())
+def medium(request):
+    name, _, src, dst = MEDIA[request.param]
+    need_devices(src, dst)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def peer(medium):
+    p = Peer(medium)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def local(medium):
+    from lmdisagg.transports import create_transport
+    name, _, _, device = MEDIA[medium]
+    tx = create_transport(name, **side_options(medium, device))
+    yield tx
+    tx.close()
+
+
+@pytest.fixture
+def fresh_peer(medium):
+    """A peer of its own, for tests that kill or stop it."""
+    p = Peer(medium)
+    yield p
+    p.stop()
+
+
+_engines: dict = {}
+
+
+@pytest.fixture
+def dst_engine(medium):
+    """The destination engine (one per device, shared by the media of this module)."""
+    from lmdisagg.engine import Engine
+    device = MEDIA[medium][3]
+    if device not in _engines:
+        _engines[device] = Engine(model="smollm2-135m", device=device, chunk_tokens=16, num_blocks=64,
+                                   max_model_len=512)
+    return _engines[device]
+
+
+def prompt_for(medium: str, n: int = 100) -> list[int]:
+    """Random token ids, distinct per medium (so no medium finds another's chunks cached)."""
+    import random
+    rng = random.Random(zlib.crc32(medium.encode()))
+    return [rng.randrange(1000, 40000) for _ in range(n)]

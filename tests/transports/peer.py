@@ -1,0 +1,87 @@
+"""The source side of the contract tests: a separate process (spawned, as workers are) that owns
+a transport and answers commands over a multiprocessing pipe. Replies are ("ok", value) or
+("err", repr)."""
+from __future__ import annotations
+
+import os
+import traceback
+
+
+def fill(flat, seed: int) -> None:
+    """Distinct, seed-dependent bytes at every position (fast enough for GiB-sized buffers)."""
+    import torch
+    n = flat.numel() // 8
+    words = torch.arange(n, dtype=torch.int64).mul_(2 * seed + 1).add_(seed * 0x9E3779B97F4A7C15 % (1 << 62))
+    flat[:n * 8].copy_(words.view(torch.uint8).to(flat.device))
+
+
+def digests(flat, block_ids, block_nbytes) -> list[int]:
+    from lmdisagg.transports._blocks import block_checksums
+    return list(block_checksums(flat, block_ids, block_nbytes))
+
+
+def main(conn, name: str, options: dict, device: str) -> None:
+    import torch
+    from lmdisagg.transports import create_transport
+    from tests.transports import leaks
+    # one-time global state (library threads, torch's thread pool) is not a leak
+    create_transport(name, **options).close()
+    fill(torch.empty(1 << 20, dtype=torch.uint8, device=device), 0)
+    before = leaks.snapshot()
+    tx = create_transport(name, **options)
+    bufs, engine, pinned = {}, None, []
+    while True:
+        op, *args = conn.recv()
+        try:
+            if op == "raw":  # a buffer of nbytes, in blocks of block_nbytes, from the transport's allocator
+                nbytes, seed = args
+                t = tx.allocate((nbytes,), torch.uint8, device)
+                fill(t, seed)
+                buf = tx.register(t)
+                bufs[buf.desc.buffer_id] = buf
+                out = buf.desc.buffer_id
+            elif op == "describe":
+                bid, block_ids, block_nbytes, checksum = args
+                buf = bufs[bid]
+                out = (tx.describe(buf, block_ids, block_nbytes, checksum=checksum),
+                       digests(buf.flat, block_ids, block_nbytes))
+            elif op == "corrupt":  # flip one byte of what the medium serves
+                bid, offset = args
+                mirror = bufs[bid].state.get("mirror")  # shm staging serves a host copy
+                flat = tx._owned[mirror].flat if mirror else bufs[bid].flat
+                view = flat[offset:offset + 1]
+                view.copy_(view ^ torch.ones_like(view))
+                out = None
+            elif op == "engine":  # prefill a prompt; its chunks stay pinned for the puller
+                prompt, chunk_tokens = args
+                from lmdisagg.engine import Engine, SamplingParams
+                engine = Engine(model="smollm2-135m", device=device, chunk_tokens=chunk_tokens,
+                                num_blocks=64, max_model_len=512, kv_allocator=tx.allocate)
+                first = engine.generate(prompt, SamplingParams(max_tokens=1))[0].token_ids
+                keys = engine.chunk_keys(prompt)
+                pinned = engine.pin_chunks(keys)
+                buf = tx.register(engine.kv_buffer)
+                bufs[buf.desc.buffer_id] = buf
+                nb = engine.layout.chunk_nbytes
+                out = (keys, tx.describe(buf, pinned, nb), digests(buf.flat, pinned, nb), first)
+            elif op == "unpin":
+                engine.unpin_chunks(pinned)
+                pinned = []
+                out = engine.blocks.num_free == engine.blocks.num_blocks
+            elif op == "pid":
+                out = os.getpid()
+            elif op == "close":  # close, drop everything, report what is left over
+                tx.close()
+                bufs.clear()
+                engine = tx = None
+                import gc
+                gc.collect()
+                out = leaks.diff(before, leaks.snapshot())
+            elif op == "exit":
+                conn.send(("ok", None))
+                return
+            else:
+                raise ValueError(f"unknown command {op!r}")
+            conn.send(("ok", out))
+        except Exception as e:  # reported to the test, which fails on it
+            conn.send(("err", f"{e!r}\n{traceback.format_exc()}"))

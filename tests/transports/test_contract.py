@@ -1,0 +1,263 @@
+"""The one contract every transport keeps (base.py), checked on every medium available here:
+source in another process, real KV chunks from the engine, concurrency, tiny and 256 MiB
+payloads, abort, a killed or hung peer, corruption, truncation, and nothing leaked on close."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+from lmdisagg.engine import SamplingParams
+from lmdisagg.transports import (
+    PeerLostError, TransferAbortedError, TransferCorruptError, TransferError, TransferState,
+    TransferTimeoutError, create_transport,
+)
+from lmdisagg.transports._blocks import block_checksums
+from tests.transports import leaks
+from tests.transports.conftest import DRAIN_S, MEDIA, Peer, prompt_for, side_options
+
+MiB = 1 << 20
+BIG, BIG_BLOCK = 256 * MiB, 16 * MiB
+ONE_SIDED = {"shm", "fake", "cuda_ipc", "cuda_ipc-2gpu", "shm-cuda"}  # pulls need nothing of the peer
+GPU_FAST = {"cuda_ipc", "cuda_ipc-2gpu", "nccl-cuda", "shm-cuda"}  # 256 MiB may finish before abort
+
+
+def dst_buffer(local, medium, nbytes):
+    t = local.allocate((nbytes,), torch.uint8, MEDIA[medium][3])
+    return local.register(t)
+
+
+def digests(buf, ids, block_nbytes):
+    return list(block_checksums(buf.flat, list(ids), block_nbytes))
+
+
+def wait_until(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.0005)
+
+
+@pytest.fixture(scope="module")
+def big(peer):
+    """A 256 MiB source buffer of 16 blocks, described whole: (desc, block digests)."""
+    bid = peer.call("raw", BIG, 7)
+    return peer.call("describe", bid, list(range(BIG // BIG_BLOCK)), BIG_BLOCK, False)
+
+
+@pytest.fixture(scope="module")
+def big_dst(local, medium):
+    buf = dst_buffer(local, medium, BIG)
+    yield buf
+    local.deregister(buf)
+
+
+def test_engine_chunks_round_trip(medium, peer, local, dst_engine):
+    """Prefill in the peer, pull its pinned chunks into reserved blocks here, commit: the bytes
+    match and the decode engine serves the prompt from them with the same first token."""
+    prompt = prompt_for(medium)
+    keys, desc, src_digests, first = peer.call("engine", prompt, 16)
+    assert keys == dst_engine.chunk_keys(prompt) and len(keys) == len(prompt) // 16
+    dst = local.register(dst_engine.kv_buffer)
+    try:
+        reserved = dst_engine.reserve_chunks(keys)
+        assert list(reserved) == keys
+        x = local.pull(desc, dst, [reserved[k] for k in keys])
+        x.wait(60)
+        dst_engine.commit_chunks(reserved)
+    finally:
+        local.deregister(dst)
+    assert x.state is TransferState.DONE and x.bytes_done == len(keys) * dst_engine.layout.chunk_nbytes
+    got = [block_checksums(c.reshape(-1).view(torch.uint8), [0], c.numel() * c.element_size())[0]
+           for c in dst_engine.export_chunks(keys)]
+    assert got == src_digests
+    out = dst_engine.generate(prompt, SamplingParams(max_tokens=1))[0]
+    assert out.cached_tokens == len(keys) * 16 and out.token_ids == first
+    assert peer.call("unpin")  # the source's blocks are all free again
+
+
+def test_many_concurrent_transfers(medium, peer, local):
+    bn, nblocks = 256 << 10, 64
+    bid = peer.call("raw", nblocks * bn, 1)
+    rng = random.Random(0)
+    plans = [rng.sample(range(nblocks), rng.randint(1, 8)) for _ in range(24)]
+    descs = [peer.call("describe", bid, ids, bn, False) for ids in plans]
+    dst = dst_buffer(local, medium, sum(map(len, plans)) * bn)
+    try:
+        xs, slot = [], 0
+        for desc, _ in descs:  # all submitted before any is waited on
+            xs.append((local.pull(desc, dst, range(slot, slot + len(desc.block_ids))), slot))
+            slot += len(desc.block_ids)
+        for (x, slot), (desc, want) in zip(xs, descs):
+            x.wait(60)
+            assert digests(dst, range(slot, slot + len(want)), bn) == want
+    finally:
+        local.deregister(dst)
+
+
+def test_tiny_payload(medium, peer, local):
+    bid = peer.call("raw", 4 * 8, 2)
+    desc, want = peer.call("describe", bid, [2], 8, False)
+    dst = dst_buffer(local, medium, 8 * 3)
+    try:
+        x = local.pull(desc, dst, [1])
+        x.wait(30)
+        assert digests(dst, [1], 8) == want and x.bytes_done == 8
+    finally:
+        local.deregister(dst)
+
+
+def test_256mib_payload_scattered(medium, big, big_dst, local):
+    desc, want = big
+    ids = list(reversed(range(len(want))))  # no two blocks coalesce
+    x = local.pull(desc, big_dst, ids)
+    x.wait(120)
+    assert digests(big_dst, ids, BIG_BLOCK) == want
+
+
+def test_abort_mid_transfer(medium, peer, big, big_dst, local):
+    desc, want = big
+    ids = list(range(len(want)))
+    big_dst.flat.zero_()
+    x = local.pull(desc, big_dst, ids)
+    wait_until(lambda: x.poll().terminal or x.bytes_done > 0, 60)
+    x.abort()
+    if x.state is TransferState.DONE:  # only a GPU copy can outrun us
+        assert medium in GPU_FAST
+    else:
+        assert x.state is TransferState.FAILED and isinstance(x.error, TransferAbortedError)
+        assert not x.error.quarantine
+        snap = digests(big_dst, ids, BIG_BLOCK)
+        time.sleep(0.2)
+        assert digests(big_dst, ids, BIG_BLOCK) == snap, "bytes landed after abort() returned"
+    y = local.pull(desc, big_dst, ids)  # the transport is still fine
+    y.wait(120)
+    assert digests(big_dst, ids, BIG_BLOCK) == want
+
+
+def test_peer_killed_mid_transfer(medium, fresh_peer, big_dst, local):
+    bid = fresh_peer.call("raw", BIG, 3)
+    desc, _ = fresh_peer.call("describe", bid, list(range(BIG // BIG_BLOCK)), BIG_BLOCK, False)
+    pid = fresh_peer.pid
+    ids = list(range(len(desc.block_ids)))
+    x = local.pull(desc, big_dst, ids)
+    wait_until(lambda: x.poll().terminal or x.bytes_done > 0, 60)
+    fresh_peer.kill()
+    if x.state is TransferState.DONE:  # only a GPU copy can outrun the kill
+        assert medium in GPU_FAST
+    else:
+        t0 = time.monotonic()
+        with pytest.raises(PeerLostError):
+            x.wait(20)
+        assert time.monotonic() - t0 < 20 and x.state is TransferState.FAILED
+    y = local.pull(desc, big_dst, ids)  # the dead peer is known: fails at once
+    with pytest.raises(PeerLostError):
+        y.wait(5)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"lmdisagg-{pid}-")]
+
+
+def test_hung_peer_never_hangs_the_puller(medium, fresh_peer, local):
+    """A stopped (SIGSTOP) source: one-sided media do not need it; the others time out, abort,
+    and return within the wait timeout plus the drain bound."""
+    bid = fresh_peer.call("raw", 64 * MiB, 4)
+    desc, want = fresh_peer.call("describe", bid, list(range(4)), 16 * MiB, False)
+    dst = dst_buffer(local, medium, 64 * MiB)
+    os.kill(fresh_peer.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        x = local.pull(desc, dst, range(4))
+        try:
+            x.wait(1.0)
+            outcome = "done"
+        except TransferTimeoutError:
+            outcome = "timeout"
+        assert time.monotonic() - t0 < 1.0 + DRAIN_S + 2.0
+        if outcome == "done":
+            assert medium in ONE_SIDED and digests(dst, range(4), 16 * MiB) == want
+        else:
+            assert medium not in ONE_SIDED and x.state is TransferState.FAILED
+    finally:
+        os.kill(fresh_peer.pid, signal.SIGCONT)
+    if not (outcome == "timeout" and x.error.quarantine):
+        local.deregister(dst)  # a quarantined buffer stays registered: the medium may still write
+
+
+def test_corrupt_bytes_fail_the_checksum(medium, peer, local):
+    bn = 64 << 10
+    bid = peer.call("raw", 8 * bn, 5)
+    desc, want = peer.call("describe", bid, list(range(8)), bn, True)
+    assert len(desc.checksums) == 8
+    dst = dst_buffer(local, medium, 8 * bn)
+    try:
+        local.pull(desc, dst, range(8)).wait(30)
+        assert digests(dst, range(8), bn) == want
+        peer.call("corrupt", bid, 3 * bn + 17)  # the source block changes after describe
+        y = local.pull(desc, dst, range(8))
+        with pytest.raises(TransferCorruptError, match="block 3 "):
+            y.wait(30)
+    finally:
+        local.deregister(dst)
+
+
+def test_truncated_descriptor_fails(medium, peer, local):
+    bn = 4096
+    bid = peer.call("raw", 4 * bn, 6)
+    desc, want = peer.call("describe", bid, [1], bn, False)
+    far = (1 << 40) // bn  # 1 TiB in: registered by nobody
+    bad = dataclasses.replace(desc, block_ids=(far,),
+                              buffer=dataclasses.replace(desc.buffer, nbytes=(far + 1) * bn))
+    dst = dst_buffer(local, medium, 2 * bn)
+    try:
+        x = local.pull(bad, dst, [0])
+        with pytest.raises(TransferError):
+            x.wait(30)
+        assert x.state is TransferState.FAILED
+        y = local.pull(desc, dst, [1])  # the transport (and the pair) still work
+        y.wait(30)
+        assert digests(dst, [1], bn) == want
+    finally:
+        local.deregister(dst)
+
+
+def _use_and_close(medium):
+    """A peer and a transport; transfers (one in flight at close); both closed. Returns what the
+    peer still held after its close."""
+    name, _, _, dst_dev = MEDIA[medium]
+    p = Peer(medium)
+    tx = create_transport(name, **side_options(medium, dst_dev))
+    bid = p.call("raw", 32 * MiB, 8)
+    desc, want = p.call("describe", bid, list(range(8)), 4 * MiB, False)
+    dst = tx.register(tx.allocate((32 * MiB,), torch.uint8, dst_dev))
+    x = tx.pull(desc, dst, range(8))
+    x.wait(60)
+    assert digests(dst, range(8), 4 * MiB) == want
+    y = tx.pull(desc, dst, range(8))
+    tx.close()  # aborts whatever is in flight
+    assert y.state.terminal
+    with pytest.raises(TransferError):
+        tx.pull(desc, dst, range(8))
+    left = p.call("close")
+    p.stop()
+    return left
+
+
+def test_close_releases_everything(medium):
+    name, _, _, dst_dev = MEDIA[medium]
+    if medium in GPU_FAST:  # CUDA starts driver threads on first use of a context / IPC / NCCL
+        _use_and_close(medium)
+    else:
+        create_transport(name, **side_options(medium, dst_dev)).close()  # one-time library state
+    gc.collect()
+    before = leaks.snapshot()
+    left = _use_and_close(medium)
+    if medium in GPU_FAST:  # the peer's CUDA driver threads start lazily and stay: not ours
+        left.pop("tasks", None)
+    assert left == {}  # nothing left in the peer
+    gc.collect()
+    assert leaks.diff(before, leaks.snapshot()) == {}  # nor here

@@ -1,0 +1,55 @@
+"""Block ids → byte runs, and per-block checksums. Transports move bytes; this is all they know
+of the cache: a registered buffer is ``[num_blocks, block_nbytes]`` bytes, block b at offset
+``b * block_nbytes`` (lmdisagg/kv/layout.py).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+
+def byte_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int],
+              block_nbytes: int) -> list[tuple[int, int, int]]:
+    """Coalesce block pairs into ``(src_offset, dst_offset, nbytes)`` runs: consecutive source
+    blocks that land on consecutive destination blocks become one copy."""
+    runs: list[list[int]] = []
+    prev = None
+    for s, d in zip(src_blocks, dst_blocks):
+        if prev is not None and s == prev[0] + 1 and d == prev[1] + 1:
+            runs[-1][2] += block_nbytes
+        else:
+            runs.append([s * block_nbytes, d * block_nbytes, block_nbytes])
+        prev = (s, d)
+    return [tuple(r) for r in runs]
+
+
+def split_runs(runs: Sequence[tuple[int, int, int]], piece_nbytes: int) -> Iterator[tuple[int, int, int]]:
+    """Cut runs into pieces of at most ``piece_nbytes`` (the unit of progress and of abort)."""
+    for s, d, n in runs:
+        for off in range(0, n, piece_nbytes):
+            yield s + off, d + off, min(piece_nbytes, n - off)
+
+
+def windows(pieces: Sequence[tuple[int, int, int]], window_nbytes: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Group pieces into windows of about ``window_nbytes`` (two-sided media request per window)."""
+    win: list[tuple[int, int, int]] = []
+    size = 0
+    for p in pieces:
+        if win and size + p[2] > window_nbytes:
+            yield win
+            win, size = [], 0
+        win.append(p)
+        size += p[2]
+    if win:
+        yield win
+
+
+def block_checksums(flat_u8, block_ids: Sequence[int], block_nbytes: int) -> tuple[int, ...]:
+    """xxh3_64 of each block of a flat uint8 tensor (CPU or CUDA; CUDA blocks are copied to host)."""
+    import xxhash
+    out = []
+    for b in block_ids:
+        view = flat_u8[b * block_nbytes:(b + 1) * block_nbytes]
+        if view.device.type != "cpu":
+            view = view.cpu()
+        out.append(xxhash.xxh3_64_intdigest(view.numpy().data))
+    return tuple(out)

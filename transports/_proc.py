@@ -1,0 +1,109 @@
+"""Process identity on this host, for liveness checks of same-node peers.
+
+A pid alone can be reused, so a process is named by (pid, start time in clock ticks since boot),
+read from ``/proc/<pid>/stat``. A zombie (killed, not yet reaped) counts as dead.
+"""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+
+HOSTNAME = socket.gethostname()
+
+
+PF_EXITING = 0x4  # include/linux/sched.h: set as soon as the process starts dying
+
+
+def _parse_stat(stat: bytes) -> int | None:
+    """starttime from /proc/<pid>/stat, or None for a zombie or dying process."""
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X") or int(fields[6]) & PF_EXITING:  # fields 3 (state), 9 (flags)
+        return None
+    return int(fields[19])  # field 22: starttime
+
+
+def start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; None if it is gone, dying or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return _parse_stat(f.read())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+
+
+def self_identity() -> tuple[int, int]:
+    pid = os.getpid()
+    return pid, start_ticks(pid) or 0
+
+
+def alive(host: str, pid: int, start: int, strict: bool = True) -> bool:
+    """Whether the process (pid, start) on ``host`` still runs. Peers on other hosts are assumed
+    alive here: their transports detect loss on the medium itself (connection reset, timeouts)."""
+    if host != HOSTNAME:
+        return True
+    return start_ticks(pid) == start
+
+
+class ProcWatch:
+    """Cached liveness checks of same-node processes. Per process it keeps a pidfd (readable once
+    the process has exited: a non-blocking poll costs a few µs) and an open /proc/<pid>/stat
+    (re-read with pread for ``strict`` checks, which also see a process that is dying but not
+    yet gone: tearing down a large address space takes milliseconds). Owned by a transport."""
+
+    def __init__(self):
+        self._fds: dict[tuple[int, int], tuple[int, int]] = {}  # (pid, start) -> (pidfd, stat fd)
+        self._lock = threading.Lock()
+
+    def alive(self, host: str, pid: int, start: int, strict: bool = False) -> bool:
+        if host != HOSTNAME:
+            return True
+        key = (pid, start)
+        with self._lock:
+            fds = self._fds.get(key)
+            if fds is None:
+                fds = self._open(pid, start)
+                if fds is None:
+                    return False
+                self._fds[key] = fds
+            pidfd, statfd = fds
+            dead = bool(select.select([pidfd], [], [], 0)[0])
+            if not dead and strict:
+                try:
+                    dead = _parse_stat(os.pread(statfd, 1024, 0)) != start
+                except OSError:  # reaped
+                    dead = True
+            if dead:
+                for fd in self._fds.pop(key):
+                    os.close(fd)
+            return not dead
+
+    @staticmethod
+    def _open(pid: int, start: int) -> tuple[int, int] | None:
+        try:
+            statfd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.close(statfd)
+            return None
+        try:  # checked after both opens: a reused pid cannot slip in between
+            ok = _parse_stat(os.pread(statfd, 1024, 0)) == start
+        except OSError:
+            ok = False
+        if not ok:
+            os.close(statfd)
+            os.close(pidfd)
+            return None
+        return pidfd, statfd
+
+    def close(self) -> None:
+        with self._lock:
+            for fds in self._fds.values():
+                for fd in fds:
+                    os.close(fd)
+            self._fds.clear()
