@@ -46,12 +46,22 @@ class RoleSettings(_Strict):
     device: str | None = Field(None, description="overrides engine.device for this role")
 
 
+class FakeTransportSettings(_Strict):
+    latency_s: float = Field(0.0, ge=0, description="delay before the first byte of each transfer")
+    bandwidth_gbps: float | None = Field(None, gt=0, description="pace transfers to this rate (None: memory speed)")
+    fail_prob: float = Field(0.0, ge=0, le=1, description="probability that a transfer fails")
+    corrupt_prob: float = Field(0.0, ge=0, le=1, description="probability that a transfer's bytes are damaged")
+    seed: int = Field(0, description="seed of the failure draws")
+
+
 class TransportSettings(_Strict):
     name: Literal["shm", "cuda_ipc", "nccl", "mooncake", "fake"] = Field(
         "shm", description="how KV chunks move from prefill to decode workers")
     checksum: bool = Field(False, description="verify an xxhash per chunk; a mismatch fails the transfer")
     protocol: Literal["tcp", "rdma"] = Field("tcp", description="mooncake only: tcp here, rdma in production")
     timeout_s: float = Field(30.0, gt=0, description="a transfer not done by then is failed (never a hang)")
+    fake: FakeTransportSettings = Field(default_factory=FakeTransportSettings,
+                                        description="fake only: latency, bandwidth and failure knobs")
 
 
 class RouterSettings(_Strict):
