@@ -43,8 +43,7 @@ def handoff(src: Engine, dst: Engine, rid: str, prompt: list[int], params: Sampl
     return tokens, text, len(to_fill)
 
 
-@pytest.mark.parametrize("n_tokens", [50, 256, 700])
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("n_tokens,temperature", [(50, 0.0), (256, 0.8), (700, 0.0)])
 def test_prefill_here_decode_there_equals_one_engine(engine, decode_engine, n_tokens, temperature):
     prompt = long_prompt(engine, n_tokens, seed=n_tokens)
     params = SamplingParams(max_tokens=20, temperature=temperature, seed=7, ignore_eos=True)
