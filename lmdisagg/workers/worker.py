@@ -304,7 +304,6 @@ class DecodeWorker(Worker):
             log.error("KV layout/model mismatch between %s and %s; recomputing", h.source_worker, self.worker_id)
             await self._release_source(h)
             return False
-        t0 = time.perf_counter()
 
         def claim(e: Engine):
             ids, to_fill = e.claim_chunks(h.chunk_keys)
@@ -329,8 +328,10 @@ class DecodeWorker(Worker):
             pairs.append((len(h.chunk_keys), block_ids[-1]))
         try:
             if pairs:
+                t0 = time.perf_counter()  # the transfer alone (not the waits for the engine loop)
                 await asyncio.to_thread(self.kv.pull, h.descriptor, [s for s, _ in pairs], [d for _, d in pairs],
                                         self.timeouts["transfer_s"])
+                self.counters["pull_seconds"] += time.perf_counter() - t0
         except (TransferError, OSError, RuntimeError) as err:
             self.counters["transfer_failures"] += 1
             log.error("KV pull of %s from %s failed: %s; recomputing", req.request_id, h.source_worker, err)
@@ -340,7 +341,6 @@ class DecodeWorker(Worker):
         await self._release_source(h)
         self.counters["pulled_chunks"] += len(pairs)
         self.counters["pulled_bytes"] += len(pairs) * e.layout.chunk_nbytes
-        self.counters["pull_seconds"] += time.perf_counter() - t0
         self.counters["reused_chunks"] += len(h.chunk_keys) - len(to_fill)
         gen = _gen_state(h)
 
