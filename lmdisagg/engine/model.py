@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmdisagg.engine.attention import AttentionMetadata, paged_attention
+from lmdisagg.engine.attention import AttentionMetadata, TorchAttention
 from lmdisagg.models.config import ModelConfig
 
 
@@ -46,16 +46,23 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # same op order as HF: normalize in fp32, cast back, then scale
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if dtype == torch.float32:  # HF's exact ops (fp32 greedy parity depends on them)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * x
+        x = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)  # one fused kernel
         return self.weight * x.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [N, H, D]; cos/sin: [N, 1, D] (HF's rotate_half convention)
+    # x: [N, H, D]; cos/sin: [N, 1, D] (HF's rotate_half convention). HF computes
+    # x * cos + cat(-x2, x1) * sin; this is the same products and sums (so the same bits in any
+    # dtype) without materializing the rotated copy.
     half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos
+    out[..., :half] -= x2 * sin[..., :half]
+    out[..., half:] += x1 * sin[..., half:]
+    return out
 
 
 class DecoderLayer(nn.Module):
@@ -71,17 +78,17 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, x: torch.Tensor, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                attention: TorchAttention):
         # x: [N, hidden]
         cfg = self.cfg
-        n = x.shape[0]
+        n, hq, hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = self.input_layernorm(x)
-        q, k, v = self.qkv(h).split(
-            [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim], -1)
-        q = apply_rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)     # [N, Hq, D]
-        k = apply_rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [N, Hkv, D]
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)                        # [N, Hkv, D]
-        o = paged_attention(q, k, v, kv_cache, self.layer, meta)            # [N, Hq * D]
+        qkv = self.qkv(h).view(n, hq + 2 * hkv, d)
+        qk = apply_rope(qkv[:, :hq + hkv], cos, sin)     # q and k heads together: [N, Hq + Hkv, D]
+        q, k = qk[:, :hq], qk[:, hq:]                    # [N, Hq, D], [N, Hkv, D]
+        v = qkv[:, hq + hkv:]                            # [N, Hkv, D]
+        o = attention(q, k, v, kv_cache, self.layer, meta)  # [N, Hq * D]
         x = x + self.o_proj(o)
         gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, -1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -96,6 +103,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.attention = TorchAttention()  # the runner swaps in TritonAttention on CUDA
+        self.head: nn.Module | None = None  # a packed lm_head (pack_linear_weights), else F.linear
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         # positions: [N] -> cos, sin: [N, 1, D], computed in fp32 like HF
@@ -109,13 +118,24 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, meta)
+            x = layer(x, cos, sin, kv_cache, meta, self.attention)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, hidden] -> [B, vocab] in fp32
+        if self.head is not None:
+            return self.head(hidden).float()
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
+
+    def pack_linear_weights(self) -> None:
+        """bf16 on CPU: every projection and the lm_head through oneDNN with packed weights
+        (lmdisagg.kernels.cpu_linear; same results as F.linear). Call once, after loading."""
+        from lmdisagg.kernels.cpu_linear import PackedLinear, pack_linears
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.head = PackedLinear(w)
+        self.lm_head = None  # its weight now lives packed in self.head
+        pack_linears(self.layers)
 
     # --- weights -------------------------------------------------------------------------------
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
