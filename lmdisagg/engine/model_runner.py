@@ -54,9 +54,7 @@ class ModelRunner:
         self.triton = False
         if device.type == "cuda":
             try:
-                from lmdisagg.engine.attention import TritonAttention
-                model.attention = TritonAttention()
-                self.triton = True
+                self.set_attention("triton")
             except ImportError as e:  # triton missing: the PyTorch path still runs, slower
                 log.warning("Triton unavailable (%s): plain PyTorch attention, no CUDA graphs", e)
         else:
@@ -67,6 +65,13 @@ class ModelRunner:
         if device.type == "cuda" and cuda_graphs and self.triton:
             from lmdisagg.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, self.max_model_len, chunk_tokens)
+
+    def set_attention(self, kind: str) -> None:
+        """"torch" or "triton" attention backend (CUDA picks triton; tests also run triton on CPU
+        through Triton's interpreter). Call before the first step."""
+        from lmdisagg.engine.attention import TritonAttention
+        self.model.attention = TritonAttention() if kind == "triton" else TorchAttention()
+        self.triton = kind == "triton"
 
     # --- inputs ---------------------------------------------------------------------------------
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
