@@ -146,7 +146,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
     if b == 0:
         return out
     splits = max(1, num_splits)
-    block_s = triton.next_power_of_2(splits)
+    block_s = max(16, triton.next_power_of_2(splits))  # few distinct values: few compiled variants
     mid_o = torch.empty(b, hq, block_s, d, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(b, hq, block_s, dtype=torch.float32, device=q.device)
     cache = kv_cache[:, layer]  # [NB, 2, T, Hkv, D] view

@@ -135,10 +135,14 @@ class TritonAttention(TorchAttention):
         if p.block_table is None:
             return super().prefill(q, k, v, kv_cache, layer, p)
         from torch.nn.attention.bias import causal_lower_right
-        k, v = gather_kv(kv_cache, layer, p.block_table, p.ctx_len)
-        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        k, v = gather_kv(kv_cache, layer, p.block_table, p.ctx_len)       # [S, Hkv, D]
+        g = q.shape[1] // k.shape[1]
+        # heads expanded here: CausalBias's flash / efficient paths take no enable_gqa
+        qt = q.transpose(0, 1)[None]                                      # [1, Hq, Sq, D]
+        kt = k.repeat_interleave(g, 1).transpose(0, 1)[None]              # [1, Hq, S, D]
+        vt = v.repeat_interleave(g, 1).transpose(0, 1)[None]
         bias = causal_lower_right(p.q_len, p.ctx_len)
-        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, enable_gqa=True)[0].transpose(0, 1)
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias)[0].transpose(0, 1)
 
     def decode(self, q, kv_cache, layer, meta):
         return self._decode(q, kv_cache, layer, meta.decode_block_tables, meta.decode_ctx_lens,

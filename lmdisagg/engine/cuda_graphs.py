@@ -37,7 +37,9 @@ class DecodeGraphs:
     FIELDS = 5
 
     def __init__(self, model: LlamaModel, kv: torch.Tensor, max_batch: int, max_model_len: int,
-                 chunk_tokens: int):
+                 chunk_tokens: int, *, capture: bool = True):
+        """``capture=False`` runs the same static-buffer steps eagerly, without graphs: how the
+        padding and buffer layout are tested on machines without CUDA."""
         from lmdisagg.kernels.decode_attention import max_splits
         self.model, self.kv = model, kv
         self.chunk_tokens = chunk_tokens
@@ -47,7 +49,8 @@ class DecodeGraphs:
         self.num_splits = max_splits(max_model_len)
         size = self.FIELDS * b + b * self.max_blocks
         self.static = torch.zeros(size, dtype=torch.int64, device=kv.device)
-        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=kv.device.type == "cuda")
+        self.use_graphs = capture
         self.host_np = self.host.numpy()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -99,7 +102,7 @@ class DecodeGraphs:
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Replay the smallest bucket that holds ``seqs`` (all decoding one token) -> logits
         [len(seqs), vocab] fp32, a view of the graph's output (valid until the next replay)."""
-        if not self.graphs:
+        if self.use_graphs and not self.graphs:
             self.capture()
         n = len(seqs)
         bucket = next(b for b in self.buckets if b >= n)
@@ -120,6 +123,8 @@ class DecodeGraphs:
         # reuse: the previous step's sampled tokens were read back (a sync) after its copy.
         used = self.FIELDS * self.max_batch + bucket * self.max_blocks
         self.static[:used].copy_(self.host[:used], non_blocking=True)
+        if not self.use_graphs:
+            return self._forward(bucket)[:n]
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:n]

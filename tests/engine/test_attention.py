@@ -18,6 +18,7 @@ from lmdisagg.engine.model import LlamaModel  # noqa: E402
 from lmdisagg.engine.model_runner import ModelRunner  # noqa: E402
 from lmdisagg.engine.request import Sequence  # noqa: E402
 from lmdisagg.models.config import ModelConfig  # noqa: E402
+from tests.engine.random_llama import write_random_llama  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 T = 8
@@ -89,32 +90,14 @@ def test_backend_matches_dense_attention(kind, dtype, atol):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, model_dir):
-    """A 2-layer Llama in HF format with random weights and SmolLM2's tokenizer: small enough for
-    Triton's interpreter to run whole engine steps in seconds."""
-    import json
-    import shutil
-
-    from safetensors.torch import save_file
-    d = tmp_path_factory.mktemp("tiny-llama")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model_dir / f, d / f)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16)
-    (d / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-    shapes = {"embed_tokens.weight": (cfg["vocab_size"], 64), "norm.weight": (64,)}
-    for i in range(2):
-        shapes.update({f"layers.{i}.{k}": v for k, v in {
-            "self_attn.q_proj.weight": (64, 64), "self_attn.k_proj.weight": (32, 64),
-            "self_attn.v_proj.weight": (32, 64), "self_attn.o_proj.weight": (64, 64),
-            "mlp.gate_proj.weight": (128, 64), "mlp.up_proj.weight": (128, 64),
-            "mlp.down_proj.weight": (64, 128), "input_layernorm.weight": (64,),
-            "post_attention_layernorm.weight": (64,)}.items()})
-    save_file({f"model.{k}": torch.randn(v, generator=g) / (v[-1] ** 0.5 if len(v) > 1 else 1.0)
-               for k, v in shapes.items()}, str(d / "model.safetensors"))
-    return d
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama with random weights: small enough for Triton's interpreter to run whole
+    engine steps in seconds."""
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_ids=(2,))
+    return write_random_llama(tmp_path_factory.mktemp("tiny-llama"), cfg)
 
 
 def test_engine_greedy_tokens_equal_with_either_backend(tiny_model_dir):
@@ -132,3 +115,20 @@ def test_engine_greedy_tokens_equal_with_either_backend(tiny_model_dir):
         assert e.blocks.num_free == e.blocks.num_blocks
     assert len(set(map(tuple, tokens["torch"]))) == 3  # the model is not degenerate
     assert tokens["torch"] == tokens["triton"]
+
+
+def test_static_decode_buffers_equal_plain_decode(tiny_model_dir):
+    """The CUDA-graph decode path (static buffers, a batch padded to its bucket: slot -1 and
+    context 0 on padded rows), run eagerly here, gives the plain path's tokens."""
+    from lmdisagg.engine.cuda_graphs import DecodeGraphs
+    prompts = [[(11 * i + 5) % 500 + 3 for i in range(n)] for n in (3, 30, 45)]  # 3 rows in bucket 4
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    tokens = []
+    for static in (False, True):
+        e = Engine(model=str(tiny_model_dir), device=DEVICE.type, dtype="float32", chunk_tokens=16,
+                   num_blocks=24, max_model_len=128, max_num_seqs=4)
+        e.runner.set_attention("triton")
+        if static:
+            e.runner.graphs = DecodeGraphs(e.model, e.runner.kv, 4, 128, 16, capture=False)
+        tokens.append([r.token_ids for r in e.generate(prompts, params)])
+    assert tokens[0] == tokens[1]
