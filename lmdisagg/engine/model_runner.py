@@ -8,8 +8,9 @@ The KV cache is allocated here, once: ``kv: [num_blocks, L, 2, T, H_kv, D]``.
 
 Per device:
     CPU     TorchAttention; bf16 weights packed for oneDNN (lmdisagg.kernels.cpu_linear).
-    CUDA    TritonAttention (Triton KV write + paged decode, SDPA prefill); decode-only steps
-            replay CUDA graphs (cuda_graphs.DecodeGraphs) unless ``cuda_graphs=False``.
+    CUDA    TritonAttention (Triton KV write + paged decode, SDPA prefill); for 16-bit dtypes
+            also fused RMSNorm / RoPE / SwiGLU kernels; decode-only steps replay CUDA graphs
+            (cuda_graphs.DecodeGraphs) unless ``cuda_graphs=False``.
 A step syncs the device once: when the sampled tokens come back to the host.
 """
 from __future__ import annotations
@@ -55,6 +56,8 @@ class ModelRunner:
         if device.type == "cuda":
             try:
                 self.set_attention("triton")
+                if dtype != torch.float32:  # fp32 keeps PyTorch's ops: HF's exact numerics
+                    model.use_triton_ops()
             except ImportError as e:  # triton missing: the PyTorch path still runs, slower
                 log.warning("Triton unavailable (%s): plain PyTorch attention, no CUDA graphs", e)
         else:
