@@ -54,6 +54,9 @@ class AttentionMetadata:
     decode_num_splits: int = 0                       # Triton grid: ceil(max ctx / PART), or the graph's max
     decode_gather: torch.Tensor | None = None        # [D * nb] int64 block ids to gather (torch backend)
     decode_mask: torch.Tensor | None = None          # [D, 1, 1, max_ctx] bool, True = attend (torch backend)
+    # torch backend: prefill tokens written as slices, one per (sequence, block) they fill:
+    # (block, first row in block, count, first row in the batch); decode rows use slot_*
+    prefill_runs: list[tuple[int, int, int, int]] | None = None
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -84,9 +87,20 @@ class TorchAttention:
 
     def write(self, kv_cache, layer, k, v, meta) -> None:
         # k, v: [N, H_kv, D] -> their slots in kv_cache[:, layer]
-        idx = (meta.slot_blocks, meta.slot_offsets)
-        kv_cache[:, layer, 0].index_put_(idx, k)
-        kv_cache[:, layer, 1].index_put_(idx, v)
+        if meta.prefill_runs is None:
+            idx = (meta.slot_blocks, meta.slot_offsets)
+            kv_cache[:, layer, 0].index_put_(idx, k)
+            kv_cache[:, layer, 1].index_put_(idx, v)
+            return
+        cache = kv_cache[:, layer]                                      # [NB, 2, T, H, D]
+        for block, off, count, row in meta.prefill_runs:                # plain copies, no index math
+            cache[block, 0, off:off + count] = k[row:row + count]
+            cache[block, 1, off:off + count] = v[row:row + count]
+        if meta.num_decode:
+            s = k.shape[0] - meta.num_decode
+            idx = (meta.slot_blocks[s:], meta.slot_offsets[s:])
+            cache[:, 0].index_put_(idx, k[s:])
+            cache[:, 1].index_put_(idx, v[s:])
 
     def prefill(self, q, k, v, kv_cache, layer, p: PrefillSeq) -> torch.Tensor:
         # q: [Sq, Hq, D], k/v: [Sq, Hkv, D] -> [Sq, Hq, D]

@@ -91,7 +91,8 @@ class ModelRunner:
         width = max((len(s.block_table) for s in decodes), default=0)
         cached = [i for i, s in enumerate(prefills) if s.num_computed_tokens]
         tabs = sum(len(prefills[i].block_table) for i in cached)
-        host = np.empty(4 * n + nd + nd * width + tabs, dtype=np.int64)
+        nlast = len(prefills) + nd if prefills else 0  # rows to take logits from (None: all)
+        host = np.empty(4 * n + nd + nd * width + tabs + nlast, dtype=np.int64)
         ids, pos, blocks, offs = (host[i * n:(i + 1) * n] for i in range(4))
         lens = host[4 * n:4 * n + nd]
         tables = host[4 * n + nd:4 * n + nd + nd * width].reshape(nd, width)
@@ -115,9 +116,15 @@ class ModelRunner:
             bt = prefills[j].block_table
             host[o:o + len(bt)] = bt
             o += len(bt)
+        if nlast:
+            np.cumsum([q for q, _ in spans], out=host[o:o + len(prefills)])
+            host[o:o + len(prefills)] -= 1
+            host[o + len(prefills):] = np.arange(n - nd, n)
 
         dev = self._to_device(host)
         meta = AttentionMetadata(slot_blocks=dev[2 * n:3 * n], slot_offsets=dev[3 * n:4 * n], num_decode=nd)
+        if not self.triton and prefills:
+            meta.prefill_runs = self._prefill_runs(prefills, spans)
         i, o = 0, 4 * n + nd + nd * width
         for seq, (q, start) in zip(prefills, spans):
             p = PrefillSeq(i, q, start + q)
@@ -131,11 +138,20 @@ class ModelRunner:
         if nd:
             self._decode_meta(meta, dev[4 * n:4 * n + nd], dev[4 * n + nd:4 * n + nd + nd * width].view(nd, width),
                               int(lens.max()))
-        last = None
-        if prefills:
-            last_host = np.cumsum([q for q, _ in spans]) - 1
-            last = torch.from_numpy(np.concatenate([last_host, np.arange(n - nd, n)])).to(self.device)
+        last = dev[len(host) - nlast:] if nlast else None
         return dev[:n], dev[n:2 * n], meta, last
+
+    def _prefill_runs(self, prefills: list[Sequence], spans) -> list[tuple[int, int, int, int]]:
+        """(block, row in block, count, row in batch) for each block a prefill's new tokens fill."""
+        t, runs, row = self.chunk_tokens, [], 0
+        for seq, (q, start) in zip(prefills, spans):
+            p = start
+            while p < start + q:
+                count = min(t - p % t, start + q - p)
+                runs.append((seq.block_table[p // t], p % t, count, row + p - start))
+                p += count
+            row += q
+        return runs
 
     def _decode_meta(self, meta: AttentionMetadata, lens: torch.Tensor, tables: torch.Tensor, max_ctx: int):
         t = self.chunk_tokens
