@@ -146,17 +146,18 @@ class LlamaModel(nn.Module):
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
 
-    def use_triton_ops(self) -> None:
+    def use_triton_ops(self, on: bool = True) -> None:
         """CUDA, 16-bit dtypes: fused residual-add + RMSNorm, in-place RoPE and SwiGLU as Triton
-        kernels (lmdisagg.kernels; each rounds once where PyTorch's op chain rounds per op)."""
+        kernels (lmdisagg.kernels; each rounds once where PyTorch's op chain rounds per op).
+        ``on=False`` restores the PyTorch ops."""
         from lmdisagg.kernels.activation import silu_and_mul as act
         from lmdisagg.kernels.rms_norm import add_rms_norm, rms_norm
         from lmdisagg.kernels.rope import rope_
         for m in self.modules():
             if isinstance(m, RMSNorm):
-                m.kernels = (rms_norm, add_rms_norm)
+                m.kernels = (rms_norm, add_rms_norm) if on else None
         for layer in self.layers:
-            layer.rope, layer.act = rope_, act
+            layer.rope, layer.act = (rope_, act) if on else (apply_rope, silu_and_mul)
 
     def pack_linear_weights(self) -> None:
         """bf16 on CPU: every projection and the lm_head through oneDNN with packed weights

@@ -107,7 +107,7 @@ def test_engine_greedy_tokens_equal_with_either_backend(tiny_model_dir):
     tokens = {}
     for kind in ("torch", "triton"):
         e = Engine(model=str(tiny_model_dir), device=DEVICE.type, dtype="float32", chunk_tokens=16,
-                   num_blocks=24, max_model_len=256)
+                   num_blocks=24, max_model_len=256, cuda_graphs=False)
         e.runner.set_attention(kind)
         e.generate(prompts[0][:20], SamplingParams(max_tokens=2))  # leaves a cached chunk: a prefix hit below
         results = e.generate(prompts, params)
@@ -127,7 +127,7 @@ def test_static_decode_buffers_equal_plain_decode(tiny_model_dir):
     tokens = []
     for static in (False, True):
         e = Engine(model=str(tiny_model_dir), device=DEVICE.type, dtype="float32", chunk_tokens=16,
-                   num_blocks=24, max_model_len=128, max_num_seqs=4)
+                   num_blocks=24, max_model_len=128, max_num_seqs=4, cuda_graphs=False)
         e.runner.set_attention("triton")
         if static:
             e.runner.graphs = DecodeGraphs(e.model, e.runner.kv, 4, 128, 16, capture=False)
@@ -145,8 +145,7 @@ def test_fused_model_ops_match_torch_ops(tiny_model_dir, dtype, tol):
         model = load_model(src, DEVICE, dtype)
         runner = ModelRunner(model, 24, T, dtype, DEVICE, max_model_len=128)
         runner.set_attention("triton")
-        if fused:
-            model.use_triton_ops()
+        model.use_triton_ops(fused)  # (on CUDA the runner turned them on for 16-bit dtypes)
         prefills = [seq(13, 0, [3, 7]), seq(21, 16, [5, 1, 9])]
         with torch.inference_mode():
             ids, pos, meta, _ = runner.prepare(prefills, [])
