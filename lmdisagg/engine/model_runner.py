@@ -141,15 +141,23 @@ class ModelRunner:
         last = dev[len(host) - nlast:] if nlast else None
         return dev[:n], dev[n:2 * n], meta, last
 
-    def _prefill_runs(self, prefills: list[Sequence], spans) -> list[tuple[int, int, int, int]]:
-        """(block, row in block, count, row in batch) for each block a prefill's new tokens fill."""
+    def _prefill_runs(self, prefills: list[Sequence], spans) -> list[tuple]:
+        """Per prefill: a slice for a partly filled first / last block, one index_copy_ for the
+        whole blocks between (AttentionMetadata.prefill_runs)."""
         t, runs, row = self.chunk_tokens, [], 0
         for seq, (q, start) in zip(prefills, spans):
-            p = start
-            while p < start + q:
-                count = min(t - p % t, start + q - p)
-                runs.append((seq.block_table[p // t], p % t, count, row + p - start))
+            end, p = start + q, start
+            if p % t:                                                  # partial first block
+                count = min(t - p % t, end - p)
+                runs.append((seq.block_table[p // t], p % t, count, row))
                 p += count
+            full = (end - p) // t
+            if full:
+                ids = torch.tensor(seq.block_table[p // t:p // t + full], device=self.device)
+                runs.append((ids, 0, full * t, row + p - start))
+                p += full * t
+            if p < end:                                                # partial last block
+                runs.append((seq.block_table[p // t], 0, end - p, row + p - start))
             row += q
         return runs
 

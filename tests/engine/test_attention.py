@@ -36,7 +36,7 @@ def seq(length: int, computed: int, table: list[int]) -> Sequence:
 
 def mixed_step():
     """Prefill without cache, prefill after a cached prefix, and decodes of several lengths."""
-    prefills = [seq(13, 0, [3, 7]), seq(21, 16, [5, 1, 9])]
+    prefills = [seq(29, 0, [3, 7, 13, 14]), seq(30, 4, [5, 1, 9, 15])]  # whole blocks; mid-block start
     decodes = [seq(9, 8, [2, 11]), seq(1, 0, [4]), seq(30, 29, [6, 8, 10, 12])]
     return prefills, decodes
 
@@ -74,7 +74,7 @@ def dense_reference(cache, seqs, pos, q, layer):
 def test_backend_matches_dense_attention(kind, dtype, atol):
     g = torch.Generator().manual_seed(0)
     cache = torch.randn(16, CFG.num_layers, 2, T, CFG.num_kv_heads, CFG.head_dim, generator=g).to(dtype).to(DEVICE)
-    n = 13 + 5 + 3
+    n = 29 + 26 + 3
     q = torch.randn(n, CFG.num_heads, CFG.head_dim, generator=g).to(dtype).to(DEVICE)
     k = torch.randn(n, CFG.num_kv_heads, CFG.head_dim, generator=g).to(dtype).to(DEVICE)
     v = torch.randn(n, CFG.num_kv_heads, CFG.head_dim, generator=g).to(dtype).to(DEVICE)
