@@ -54,10 +54,10 @@ class AttentionMetadata:
     decode_num_splits: int = 0                       # Triton grid: ceil(max ctx / PART), or the graph's max
     decode_gather: torch.Tensor | None = None        # [D * nb] int64 block ids to gather (torch backend)
     decode_mask: torch.Tensor | None = None          # [D, 1, 1, max_ctx] bool, True = attend (torch backend)
-    # torch backend: how prefill tokens are written, per sequence: (blocks, row in block, count,
-    # first row in the batch) where blocks is a block id (a partial block: one slice copy) or a
-    # tensor of ids (whole blocks in a row: one index_copy_). Decode rows use slot_*.
-    prefill_runs: list[tuple[int | torch.Tensor, int, int, int]] | None = None
+    # torch backend: prefill tokens written as plain copies: (blocks, row in block, count, first
+    # row in the batch) where blocks is a block id (part of one block) or a slice of consecutive
+    # block ids (whole blocks). Decode rows use slot_*.
+    prefill_runs: list[tuple[int | slice, int, int, int]] | None = None
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -98,10 +98,10 @@ class TorchAttention:
             if isinstance(blocks, int):
                 cache[blocks, 0, off:off + count] = k[row:row + count]
                 cache[blocks, 1, off:off + count] = v[row:row + count]
-            else:  # whole blocks: [m] ids <- [m, T, H, D] rows
-                src_shape = (blocks.numel(), cache.shape[2], *k.shape[1:])
-                cache[:, 0].index_copy_(0, blocks, k[row:row + count].view(src_shape))
-                cache[:, 1].index_copy_(0, blocks, v[row:row + count].view(src_shape))
+            else:  # whole consecutive blocks: [m, T, H, D] <- m * T rows
+                shape = (blocks.stop - blocks.start, cache.shape[2], *k.shape[1:])
+                cache[blocks, 0] = k[row:row + count].view(shape)
+                cache[blocks, 1] = v[row:row + count].view(shape)
         if meta.num_decode:
             s = k.shape[0] - meta.num_decode
             idx = (meta.slot_blocks[s:], meta.slot_offsets[s:])

@@ -142,8 +142,8 @@ class ModelRunner:
         return dev[:n], dev[n:2 * n], meta, last
 
     def _prefill_runs(self, prefills: list[Sequence], spans) -> list[tuple]:
-        """Per prefill: a slice for a partly filled first / last block, one index_copy_ for the
-        whole blocks between (AttentionMetadata.prefill_runs)."""
+        """Per prefill: a copy into a partly filled first / last block, and one copy per run of
+        consecutive block ids in between (AttentionMetadata.prefill_runs)."""
         t, runs, row = self.chunk_tokens, [], 0
         for seq, (q, start) in zip(prefills, spans):
             end, p = start + q, start
@@ -151,11 +151,13 @@ class ModelRunner:
                 count = min(t - p % t, end - p)
                 runs.append((seq.block_table[p // t], p % t, count, row))
                 p += count
-            full = (end - p) // t
-            if full:
-                ids = torch.tensor(seq.block_table[p // t:p // t + full], device=self.device)
-                runs.append((ids, 0, full * t, row + p - start))
-                p += full * t
+            while end - p >= t:                                        # whole blocks
+                first = j = p // t
+                while (j + 1) * t + t <= end and seq.block_table[j + 1] == seq.block_table[j] + 1:
+                    j += 1
+                b0 = seq.block_table[first]
+                runs.append((slice(b0, b0 + j - first + 1), 0, (j - first + 1) * t, row + p - start))
+                p = (j + 1) * t
             if p < end:                                                # partial last block
                 runs.append((seq.block_table[p // t], 0, end - p, row + p - start))
             row += q

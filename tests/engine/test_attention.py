@@ -36,8 +36,8 @@ def seq(length: int, computed: int, table: list[int]) -> Sequence:
 
 def mixed_step():
     """Prefill without cache, prefill after a cached prefix, and decodes of several lengths."""
-    prefills = [seq(29, 0, [3, 7, 13, 14]), seq(30, 4, [5, 1, 9, 15])]  # whole blocks; mid-block start
-    decodes = [seq(9, 8, [2, 11]), seq(1, 0, [4]), seq(30, 29, [6, 8, 10, 12])]
+    prefills = [seq(29, 0, [3, 4, 5, 14]), seq(30, 4, [0, 1, 9, 15])]  # block runs; mid-block start
+    decodes = [seq(9, 8, [2, 11]), seq(1, 0, [7]), seq(30, 29, [6, 8, 10, 12])]
     return prefills, decodes
 
 
