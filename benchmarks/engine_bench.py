@@ -214,7 +214,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine_{tag}.json"
+    path = out / f"engine_{tag}{f'-{args.threads}thread' if args.threads else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -132,10 +132,13 @@ def max_splits(max_model_len: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                            block_tables: torch.Tensor, ctx_lens: torch.Tensor, num_splits: int,
-                           scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           scale: float | None = None, out: torch.Tensor | None = None,
+                           split_slots: int | None = None) -> torch.Tensor:
     """Triton version of ``paged_decode_attention_ref``; ``num_splits * PART`` must cover the
     longest context (pass ``max_splits(max_model_len)`` inside CUDA graphs, or
-    ``ceil(max(ctx_lens) / PART)`` eagerly). ``out`` may be a strided [B, Hq, D] view."""
+    ``ceil(max(ctx_lens) / PART)`` eagerly). ``out`` may be a strided [B, Hq, D] view.
+    ``split_slots`` (>= num_splits) fixes the reduce kernel's width: calls with the same value
+    give the same bits whatever their grid (graph-replayed and eager decode agree exactly)."""
     b, hq, d = q.shape
     t, hkv = kv_cache.shape[3], kv_cache.shape[4]
     g = hq // hkv
@@ -146,7 +149,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
     if b == 0:
         return out
     splits = max(1, num_splits)
-    block_s = max(16, triton.next_power_of_2(splits))  # few distinct values: few compiled variants
+    block_s = max(16, triton.next_power_of_2(max(splits, split_slots or 0)))
     mid_o = torch.empty(b, hq, block_s, d, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(b, hq, block_s, dtype=torch.float32, device=q.device)
     cache = kv_cache[:, layer]  # [NB, 2, T, Hkv, D] view

@@ -142,11 +142,12 @@ class TorchAttention:
 class TritonAttention(TorchAttention):
     """CUDA backend: Triton kernels for the KV write and decode, SDPA for prefill."""
 
-    def __init__(self):
-        from lmdisagg.kernels.decode_attention import paged_decode_attention
+    def __init__(self, max_model_len: int):
+        from lmdisagg.kernels.decode_attention import max_splits, paged_decode_attention
         from lmdisagg.kernels.kv_write import write_kv
         self._write_kv = write_kv
         self._decode = paged_decode_attention
+        self._split_slots = max_splits(max_model_len)  # one reduce width: eager == graph, bit for bit
 
     def write(self, kv_cache, layer, k, v, meta) -> None:
         self._write_kv(kv_cache, layer, k, v, meta.slot_blocks, meta.slot_offsets)
@@ -166,7 +167,7 @@ class TritonAttention(TorchAttention):
 
     def decode(self, q, kv_cache, layer, meta):
         return self._decode(q, kv_cache, layer, meta.decode_block_tables, meta.decode_ctx_lens,
-                            meta.decode_num_splits)
+                            meta.decode_num_splits, split_slots=self._split_slots)
 
 
 def gather_kv(kv_cache: torch.Tensor, layer: int, block_table: torch.Tensor, length: int):

@@ -73,7 +73,7 @@ class ModelRunner:
         """"torch" or "triton" attention backend (CUDA picks triton; tests also run triton on CPU
         through Triton's interpreter). Call before the first step."""
         from lmdisagg.engine.attention import TritonAttention
-        self.model.attention = TritonAttention() if kind == "triton" else TorchAttention()
+        self.model.attention = TritonAttention(self.max_model_len) if kind == "triton" else TorchAttention()
         self.triton = kind == "triton"
 
     # --- inputs ---------------------------------------------------------------------------------
