@@ -2,8 +2,8 @@
 
     q:            [B, Hq, D]                    the new token of each sequence
     kv_cache:     [num_blocks, L, 2, T, Hkv, D] (lmdisagg.kv.layout); layer ``layer`` is read
-    block_tables: [B, max_blocks] int32         token j of sequence b: block_tables[b, j // T], row j % T
-    ctx_lens:     [B] int32                     keys to attend to (0 = padded row: output zeros)
+    block_tables: [B, max_blocks] int           token j of sequence b: block_tables[b, j // T], row j % T
+    ctx_lens:     [B] int                       keys to attend to (0 = padded row: output zeros)
     -> out:       [B, Hq, D]                    softmax(q k^T * scale) v over each sequence's context
 
 Two kernels (the split-K scheme of flash-decoding):

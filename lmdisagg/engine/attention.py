@@ -13,8 +13,8 @@ cache) and each decode token attends to its context read back from the cache.
 
 Backends (the model runner picks one; both take the same ``AttentionMetadata``):
 
-    TorchAttention    plain PyTorch: index_put writes, SDPA prefill, gathered decode. The
-                      reference, and the CPU path.
+    TorchAttention    plain PyTorch: copies / index_put writes, SDPA prefill, gathered decode.
+                      The reference, and the CPU path.
     TritonAttention   CUDA: Triton KV write and paged flash-decoding (lmdisagg.kernels), SDPA
                       (flash) prefill with a bottom-right causal mask after a cached prefix.
                       Every tensor it reads is in the metadata, so a decode step can be
@@ -48,8 +48,8 @@ class AttentionMetadata:
     prefills: list[PrefillSeq] = field(default_factory=list)
     # decode part: the last num_decode tokens of the batch, one per sequence
     num_decode: int = 0
-    decode_block_tables: torch.Tensor | None = None  # [D, max_blocks] int32 (padded with 0)
-    decode_ctx_lens: torch.Tensor | None = None      # [D] int32 (0: padded row of a graph batch)
+    decode_block_tables: torch.Tensor | None = None  # [D, max_blocks] int64 (padded with 0)
+    decode_ctx_lens: torch.Tensor | None = None      # [D] int64 (0: padded row of a graph batch)
     decode_max_ctx: int = 0                          # max(decode_ctx_lens) (torch backend)
     decode_num_splits: int = 0                       # Triton grid: ceil(max ctx / PART), or the graph's max
     decode_gather: torch.Tensor | None = None        # [D * nb] int64 block ids to gather (torch backend)

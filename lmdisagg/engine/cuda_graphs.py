@@ -1,7 +1,7 @@
 """CUDA graphs of decode-only steps, one per batch-size bucket.
 
-A decode step of a Llama-8B is ~600 small kernels; launched one by one from Python they cost
-more than the ~4 ms the GPU needs to read the weights. So a decode-only step replays a graph:
+A decode step of a Llama-8B is ~400 small kernels; launched one by one from Python they cost
+more than the ~4-5 ms the GPU needs to read the weights. So a decode-only step replays a graph:
 
     first decode step      capture every bucket (largest first, one shared memory pool):
                            warm up eagerly (compiles the Triton kernels), then record
@@ -32,6 +32,10 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """Owned by the ModelRunner; ``run`` is called from the step-loop thread for decode-only
+    steps that fit the largest bucket. It launches the graph and returns without waiting for it
+    (the sampler's read of the tokens is the step's one sync)."""
+
     # static input layout (int64): [ids B | positions B | slot blocks B | slot offsets B |
     #                               context lens B | block tables B x max_blocks]
     FIELDS = 5
