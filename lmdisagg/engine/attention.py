@@ -113,6 +113,8 @@ class TorchAttention:
         if p.block_table is not None:  # attend to cached prefix + new tokens, read back from the cache
             k, v = gather_kv(kv_cache, layer, p.block_table, p.ctx_len)
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        if q.device.type == "cpu":  # CPU flash kernel: a few % faster on [1, H, S, D] (same bits)
+            qt, kt, vt = qt.contiguous(), kt.contiguous(), vt.contiguous()
         if p.mask is None:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
         else:
