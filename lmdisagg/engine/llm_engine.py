@@ -95,7 +95,8 @@ class Engine(EngineBase):
                 f"or lower max_model_len")
         self.blocks = BlockManager(num_blocks, cfg.chunk_tokens)
         self.runner = ModelRunner(self.model, num_blocks, cfg.chunk_tokens, self.dtype, self.device,
-                                  kv_allocator)
+                                  kv_allocator, max_num_seqs=cfg.max_num_seqs,
+                                  max_model_len=self.max_model_len, cuda_graphs=cfg.cuda_graphs)
         batched = cfg.max_num_batched_tokens or max(self.max_model_len, 8192)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, batched, self._seq_keys)
         self.seqs: dict[str, Sequence] = {}

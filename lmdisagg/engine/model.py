@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmdisagg.engine.attention import AttentionMetadata, paged_attention
+from lmdisagg.engine.attention import AttentionMetadata, TorchAttention
 from lmdisagg.models.config import ModelConfig
 
 
@@ -42,20 +42,40 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels = None  # (rms_norm, add_rms_norm) from lmdisagg.kernels.rms_norm, when fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with ``residual``: (norm(x + residual), x + residual), the new residual."""
+        if self.kernels is not None:
+            if residual is None:
+                return self.kernels[0](x, self.weight, self.eps)
+            return self.kernels[1](x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
         # same op order as HF: normalize in fp32, cast back, then scale
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32:  # HF's exact ops (fp32 greedy parity depends on them)
+            out = self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        else:
+            out = self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return out if residual is None else (out, x)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [N, H, D]; cos/sin: [N, 1, D] (HF's rotate_half convention)
+    # x: [N, H, D]; cos/sin: [N, 1, D] (HF's rotate_half convention). HF computes
+    # x * cos + cat(-x2, x1) * sin; this is the same products and sums (so the same bits in any
+    # dtype) without materializing the rotated copy.
     half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    out = x * cos
+    out[..., :half] -= x2 * sin[..., :half]
+    out[..., half:] += x1 * sin[..., half:]
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    # gate_up: [N, 2 * I] -> silu(gate) * up: [N, I]
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -70,21 +90,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.rope, self.act = apply_rope, silu_and_mul  # Triton kernels when fused
 
-    def forward(self, x: torch.Tensor, cos, sin, kv_cache: torch.Tensor, meta: AttentionMetadata):
-        # x: [N, hidden]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, attention: TorchAttention):
+        # x: [N, hidden], the previous sub-layer's output (layer 0: the embeddings, residual None)
+        # -> (this layer's MLP output, the residual stream before it), both [N, hidden]
         cfg = self.cfg
-        n = x.shape[0]
-        h = self.input_layernorm(x)
-        q, k, v = self.qkv(h).split(
-            [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim], -1)
-        q = apply_rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)     # [N, Hq, D]
-        k = apply_rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)  # [N, Hkv, D]
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)                        # [N, Hkv, D]
-        o = paged_attention(q, k, v, kv_cache, self.layer, meta)            # [N, Hq * D]
-        x = x + self.o_proj(o)
-        gate, up = self.gate_up(self.post_attention_layernorm(x)).chunk(2, -1)
-        return x + self.down_proj(F.silu(gate) * up)
+        n, hq, hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        qkv = self.qkv(h).view(n, hq + 2 * hkv, d)
+        qk = self.rope(qkv[:, :hq + hkv], cos, sin)      # q and k heads together: [N, Hq + Hkv, D]
+        q, k = qk[:, :hq], qk[:, hq:]                    # [N, Hq, D], [N, Hkv, D]
+        v = qkv[:, hq + hkv:]                            # [N, Hkv, D]
+        o = attention(q, k, v, kv_cache, self.layer, meta)  # [N, Hq * D]
+        h, residual = self.post_attention_layernorm(self.o_proj(o), residual)
+        return self.down_proj(self.act(self.gate_up(h))), residual
 
 
 class LlamaModel(nn.Module):
@@ -96,6 +120,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.attention = TorchAttention()  # the runner swaps in TritonAttention on CUDA
+        self.head: nn.Module | None = None  # a packed lm_head (pack_linear_weights), else F.linear
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         # positions: [N] -> cos, sin: [N, 1, D], computed in fp32 like HF
@@ -108,14 +134,39 @@ class LlamaModel(nn.Module):
         # input_ids, positions: [N] -> hidden: [N, hidden]
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta, self.attention)
+        return self.norm(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, hidden] -> [B, vocab] in fp32
+        if self.head is not None:
+            return self.head(hidden).float()
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
+
+    def use_triton_ops(self, on: bool = True) -> None:
+        """CUDA, 16-bit dtypes: fused residual-add + RMSNorm, in-place RoPE and SwiGLU as Triton
+        kernels (lmdisagg.kernels; each rounds once where PyTorch's op chain rounds per op).
+        ``on=False`` restores the PyTorch ops."""
+        from lmdisagg.kernels.activation import silu_and_mul as act
+        from lmdisagg.kernels.rms_norm import add_rms_norm, rms_norm
+        from lmdisagg.kernels.rope import rope_
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.kernels = (rms_norm, add_rms_norm) if on else None
+        for layer in self.layers:
+            layer.rope, layer.act = (rope_, act) if on else (apply_rope, silu_and_mul)
+
+    def pack_linear_weights(self) -> None:
+        """bf16 on CPU: every projection and the lm_head through oneDNN with packed weights
+        (lmdisagg.kernels.cpu_linear; same results as F.linear). Call once, after loading."""
+        from lmdisagg.kernels.cpu_linear import PackedLinear, pack_linears
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.head = PackedLinear(w)
+        self.lm_head = None  # its weight now lives packed in self.head
+        pack_linears(self.layers)
 
     # --- weights -------------------------------------------------------------------------------
     def load_hf_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
