@@ -5,8 +5,8 @@ one run on the same machine.
     python benchmarks/serve_bench.py --trace ../shared/data/traces/mooncake_synthetic_trace.jsonl \
         --num-requests 64 --length-scale 0.02 --time-scale 0.05
 
-Each request is sent with the official openai client (streaming, ignore_eos, token-id prompts),
-TTFT / ITL / end-to-end latency are taken per request at the client. Trace requests get token ids
+Each request is streamed over HTTP (SSE, as the openai client reads it; ignore_eos, token-id
+prompts); TTFT / ITL / end-to-end latency are taken per request at the client. Trace requests get token ids
 synthesized per 512-token hash id (equal ids → equal tokens, so shared prefixes stay shared).
 Prints one table; writes benchmarks/results/serve_<host>.json and .png.
 """
@@ -80,27 +80,36 @@ def workload(args, vocab: int) -> list[dict]:
 
 
 async def replay(url: str, model: str, reqs: list[dict]) -> list[dict]:
-    from openai import AsyncOpenAI
-    client = AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=3600)
+    """Send every request at its arrival time (streaming SSE over aiohttp, the same wire format the
+    openai client reads); stamp each token as it arrives."""
+    import aiohttp
     start = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=3600)
 
-    async def one(r):
+    async def one(session, r):
         await asyncio.sleep(max(0.0, r["t"] - (time.perf_counter() - start)))
         sent = time.perf_counter()
         stamps = []
-        stream = await client.completions.create(model=model, prompt=r["prompt"], max_tokens=r["max_tokens"],
-                                                 temperature=0, stream=True,
-                                                 extra_body={"ignore_eos": True, "return_token_ids": True})
-        async for ch in stream:
-            if ch.choices and ch.choices[0].model_extra.get("token_ids"):
-                stamps += [time.perf_counter()] * len(ch.choices[0].model_extra["token_ids"])
+        body = {"model": model, "prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0,
+                "stream": True, "ignore_eos": True, "return_token_ids": True}
+        async with session.post(url + "/completions", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                ch = json.loads(line[6:])
+                if "error" in ch:
+                    raise RuntimeError(ch["error"])
+                if ch["choices"] and ch["choices"][0].get("token_ids"):
+                    stamps += [time.perf_counter()] * len(ch["choices"][0]["token_ids"])
         itl = [b - a for a, b in zip(stamps, stamps[1:])]
         return {"ttft": stamps[0] - sent, "e2e": stamps[-1] - sent, "itl": itl, "out": len(stamps),
                 "in": len(r["prompt"])}
 
-    out = await asyncio.gather(*(one(r) for r in reqs))
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        out = await asyncio.gather(*(one(session, r) for r in reqs))
     wall = time.perf_counter() - start
-    await client.close()
     for o in out:
         o["wall"] = wall
     return out
@@ -152,6 +161,8 @@ def main() -> None:
 
     import ray
     from lmdisagg import Pipeline, Role
+    import os
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=8, log_to_driver=False)
     cpus = 1.0
     summaries, raw = [], {}
@@ -182,7 +193,6 @@ def main() -> None:
         print(f"{s['mode']:14s} {s['ttft_p50_s']:9.3f} {s['ttft_p99_s']:9.3f} {s['itl_p50_s']:8.4f} "
               f"{s['itl_p99_s']:8.4f} {s['e2e_p99_s']:8.3f} {s['output_tok_per_s']:7.1f} "
               f"{s['output_tok_per_s'] / base['output_tok_per_s']:8.2f}")
-    host = socket.gethostname() if args.device == "cpu" else "gpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{'cpu' if args.device == 'cpu' else 'cuda'}"
@@ -208,7 +218,6 @@ def main() -> None:
     except ImportError:
         pass
     print(f"wrote {out / f'serve_{tag}.json'}")
-    del host
 
 
 if __name__ == "__main__":
