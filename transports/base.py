@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import msgpack
 
+from lmdisagg.transports._blocks import check_blocks
 from lmdisagg.transports._proc import HOSTNAME, ProcWatch, self_identity
 from lmdisagg.transports.transfer import (  # re-exported: the whole interface is importable from here
     PeerLostError, Transfer, TransferAbortedError, TransferCorruptError, TransferError, TransferState,
@@ -188,8 +189,7 @@ class Transport(abc.ABC):
         (pinned) until the peer reports its transfer finished. ``checksum`` overrides the
         transport's default for this descriptor (the puller verifies whatever it carries)."""
         self._check_open()
-        ids = tuple(int(b) for b in block_ids)
-        _check_blocks(ids, block_nbytes, buf.desc.nbytes, "describe")
+        ids = check_blocks(block_ids, block_nbytes, buf.desc.nbytes, "describe")
         self._prepare(buf, ids, block_nbytes)
         sums = ()
         if self.checksum if checksum is None else checksum:
@@ -206,10 +206,9 @@ class Transport(abc.ABC):
         if desc.buffer.transport != self.name:
             raise TransferError(f"descriptor from transport {desc.buffer.transport!r} "
                                 f"given to {self.name!r}")
-        ids = tuple(int(b) for b in dst_block_ids)
+        ids = check_blocks(dst_block_ids, desc.block_nbytes, dst.desc.nbytes, "pull (destination)")
         if len(ids) != len(desc.block_ids):
             raise TransferError(f"pull: {len(desc.block_ids)} source blocks but {len(ids)} destination blocks")
-        _check_blocks(ids, desc.block_nbytes, dst.desc.nbytes, "pull (destination)")
         if desc.checksums and len(desc.checksums) != len(desc.block_ids):
             raise TransferError("pull: descriptor has a checksum count that does not match its blocks")
         t = self._pull(desc, dst, ids)
@@ -249,15 +248,6 @@ class Transport(abc.ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise TransferError(f"transport {self.agent} is closed")
-
-
-def _check_blocks(ids: tuple[int, ...], block_nbytes: int, nbytes: int, what: str) -> None:
-    if block_nbytes <= 0:
-        raise TransferError(f"{what}: block_nbytes must be positive")
-    for b in ids:
-        if b < 0 or (b + 1) * block_nbytes > nbytes:
-            raise TransferError(f"{what}: block {b} of {block_nbytes} bytes lies outside the "
-                                f"{nbytes}-byte buffer")
 
 
 def _uint8():

@@ -9,6 +9,7 @@ GPUs (over NVLink / PCIe peer access where the driver has it).
                            a side stream of the destination device (``torch._foreach_copy_``
                            for many runs on one device), record an event
             poll()         event.query(); then liveness + checksums → DONE
+            wait()         event.synchronize() (GIL released), then as poll()
 
 Devices are matched by UUID, so workers may see GPUs under different indices
 (CUDA_VISIBLE_DEVICES per actor); the source's GPU must be visible to the destination.
@@ -34,7 +35,6 @@ def device_uuid(index: int) -> str:
 
 
 class CudaIpcTransfer(Transfer):
-    spin_s = 2e-3  # copies of up to a few GiB finish within a few ms: poll the event closely
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -43,10 +43,8 @@ class CudaIpcTransfer(Transfer):
 
     def launch(self, src: torch.Tensor, runs, stream: torch.cuda.Stream) -> None:
         dst = self.dst.flat
-        caller = torch.cuda.current_stream(dst.device)
-        with torch.cuda.device(dst.device), torch.cuda.stream(stream):
-            # after whatever the caller's stream did to these blocks
-            stream.wait_stream(caller)
+        stream.wait_stream(torch.cuda.current_stream(dst.device))  # after the caller's work on dst
+        with torch.cuda.stream(stream):  # (also makes the stream's device current)
             dsts = [dst[d:d + n] for _, d, n in runs]    # [n] uint8 views
             srcs = [src[s:s + n] for s, _, n in runs]
             if src.device == dst.device and len(runs) > 1:
@@ -62,6 +60,16 @@ class CudaIpcTransfer(Transfer):
         self._src = src
         self._quiet = False
         self._start()
+
+    def wait(self, timeout: float) -> None:
+        # queued device copies finish in milliseconds and cannot hang on a peer (the source's
+        # memory stays mapped here even if it dies): block on the copy's event, without the
+        # GIL, instead of polling with back-off (whose sleeps overshoot the copy by up to 2 ms);
+        # liveness, checksums and the timeout are then checked as for any medium
+        ev = self._event
+        if ev is not None and not self._state.terminal:
+            ev.synchronize()
+        super().wait(timeout)
 
     def _progress(self) -> None:
         with self._cond:
@@ -173,6 +181,7 @@ class CudaIpcTransport(Transport):
             self._streams.clear()
         for key in [k for k in _LOCAL if k[0] == self.agent]:
             del _LOCAL[key]
+        torch.cuda.ipc_collect()  # shared blocks whose consumers are done are freed now
 
 
 _LOCAL: dict[tuple[str, int], torch.Tensor] = {}  # this process's registered buffers, by (agent, id)

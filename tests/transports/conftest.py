@@ -3,6 +3,7 @@ separate process (spawned, as workers are), and a destination transport in the t
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import zlib
 
 import pytest
@@ -10,6 +11,11 @@ import pytest
 from tests.transports import peer as peer_main
 
 gpu = pytest.mark.gpu
+
+# NCCL >= 2.24 starts its RAS service with the first communicator of a process: a thread with
+# its own sockets (a listener on 127.0.0.1:28028 among them) that lives until the process exits.
+# It is NCCL's, not a transport's, so the leak checks run without it (peers inherit this).
+os.environ.setdefault("NCCL_RAS_ENABLE", "0")
 
 # id -> (transport, options, source device, destination device). Short drain/op timeouts keep the
 # failure tests quick; defaults are longer.
@@ -129,7 +135,7 @@ def dst_engine(medium):
     from lmdisagg.engine import Engine
     device = MEDIA[medium][3]
     if device not in _engines:
-        _engines[device] = Engine(model="smollm2-135m", device=device, chunk_tokens=16, num_blocks=64,
+        _engines[device] = Engine(model=peer_main.engine_model(), device=device, chunk_tokens=16, num_blocks=64,
                                    max_model_len=512)
     return _engines[device]
 

@@ -4,7 +4,16 @@ a transport and answers commands over a multiprocessing pipe. Replies are ("ok",
 from __future__ import annotations
 
 import os
+import time
 import traceback
+
+
+def engine_model() -> str:
+    """The real SmolLM2 where it is fetched (here, CI); its random-weight twin of the same shape
+    where it cannot be (the GPU host has no network). Both sides of a test load the same one."""
+    from lmdisagg.models import resolve_model
+    real = resolve_model("smollm2-135m", fetch=False).path
+    return "smollm2-135m" if (real / "model.safetensors").is_file() else "smollm2-135m-dummy"
 
 
 def fill(flat, seed: int) -> None:
@@ -27,6 +36,8 @@ def main(conn, name: str, options: dict, device: str) -> None:
     # one-time global state (library threads, torch's thread pool) is not a leak
     create_transport(name, **options).close()
     fill(torch.empty(1 << 20, dtype=torch.uint8, device=device), 0)
+    if torch.device(device).type == "cuda":  # torch keeps one CUDA IPC ref-counter file per process
+        torch.empty(1, device=device).untyped_storage()._share_cuda_()
     before = leaks.snapshot()
     tx = create_transport(name, **options)
     bufs, engine, pinned = {}, None, []
@@ -55,7 +66,7 @@ def main(conn, name: str, options: dict, device: str) -> None:
             elif op == "engine":  # prefill a prompt; its chunks stay pinned for the puller
                 prompt, chunk_tokens = args
                 from lmdisagg.engine import Engine, SamplingParams
-                engine = Engine(model="smollm2-135m", device=device, chunk_tokens=chunk_tokens,
+                engine = Engine(model=engine_model(), device=device, chunk_tokens=chunk_tokens,
                                 num_blocks=64, max_model_len=512, kv_allocator=tx.allocate)
                 first = engine.generate(prompt, SamplingParams(max_tokens=1))[0].token_ids
                 keys = engine.chunk_keys(prompt)
@@ -73,10 +84,17 @@ def main(conn, name: str, options: dict, device: str) -> None:
             elif op == "close":  # close, drop everything, report what is left over
                 tx.close()
                 bufs.clear()
-                engine = tx = None
+                engine = tx = t = buf = flat = view = None  # the last references to the memory
                 import gc
                 gc.collect()
+                if torch.cuda.is_initialized():
+                    torch.cuda.ipc_collect()  # shared CUDA memory the consumer released
                 out = leaks.diff(before, leaks.snapshot())
+                deadline = time.monotonic() + 5  # libraries may finish a teardown on their own threads
+                while out and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    gc.collect()
+                    out = leaks.diff(before, leaks.snapshot())
             elif op == "exit":
                 conn.send(("ok", None))
                 return
