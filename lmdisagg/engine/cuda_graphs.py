@@ -3,7 +3,7 @@
 A decode step of a Llama-8B is ~400 small kernels; launched one by one from Python they cost
 more than the ~4-5 ms the GPU needs to read the weights. So a decode-only step replays a graph:
 
-    first decode step      capture every bucket (largest first, one shared memory pool):
+    engine start           capture every bucket (largest first, one shared memory pool):
                            warm up eagerly (compiles the Triton kernels), then record
                            embed → layers → norm → logits over static input buffers
     each decode step       write the batch into one pinned host array laid out like the static
@@ -92,7 +92,11 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.kv.device).wait_stream(stream)
         for bucket in reversed(self.buckets):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: a KV pull's event query on another thread of this worker must not
+            # invalidate the capture (the default "global" mode forbids it process-wide)
+            # capture on a stream of the engine's device (torch's default capture stream is made
+            # once per process, on whichever device captured first)
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 logits = self._forward(bucket)
             pool = graph.pool()
             self.graphs[bucket] = (graph, logits)

@@ -15,6 +15,8 @@ A step syncs the device once: when the sampled tokens come back to the host.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 
@@ -64,10 +66,15 @@ class ModelRunner:
             from lmdisagg.kernels.cpu_linear import can_pack
             if can_pack(dtype, device):
                 model.pack_linear_weights()
+        # Triton launches on the current device: steps run with the engine's device current
+        # (an engine on cuda:1 in a process whose current device is cuda:0)
+        self._on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         self.graphs = None
         if device.type == "cuda" and cuda_graphs and self.triton:
             from lmdisagg.engine.cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, self.max_model_len, chunk_tokens)
+            with self._on_device:
+                self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, self.max_model_len, chunk_tokens)
+                self.graphs.capture()  # now, before any request or KV transfer can run beside it
 
     def set_attention(self, kind: str) -> None:
         """"torch" or "triton" attention backend (CUDA picks triton; tests also run triton on CPU
@@ -178,10 +185,11 @@ class ModelRunner:
     # --- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, prefills: list[Sequence], decodes: list[Sequence]) -> list[int]:
-        if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
-            logits = self.graphs.run(decodes)                          # [B, vocab]
-        else:
-            ids, positions, meta, last = self.prepare(prefills, decodes)
-            hidden = self.model(ids, positions, self.kv, meta)         # [N, hidden]
-            logits = self.model.logits(hidden if last is None else hidden[last])  # [B, vocab]
-        return sample(logits, prefills + decodes)
+        with self._on_device:
+            if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
+                logits = self.graphs.run(decodes)                          # [B, vocab]
+            else:
+                ids, positions, meta, last = self.prepare(prefills, decodes)
+                hidden = self.model(ids, positions, self.kv, meta)         # [N, hidden]
+                logits = self.model.logits(hidden if last is None else hidden[last])  # [B, vocab]
+            return sample(logits, prefills + decodes)
