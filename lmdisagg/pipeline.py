@@ -63,7 +63,7 @@ def _engine_config(cfg: ClusterConfig, role: RoleSettings) -> EngineConfig:
     e = cfg.engine
     return EngineConfig(model=cfg.model, device=role.device or e.device, dtype=e.dtype, chunk_tokens=e.chunk_tokens,
                         num_blocks=e.num_blocks, kv_cache_bytes=e.kv_cache_bytes, max_model_len=e.max_model_len,
-                        max_num_seqs=e.max_num_seqs)
+                        max_num_seqs=e.max_num_seqs, cuda_graphs=e.cuda_graphs)
 
 
 class Pipeline:
@@ -119,10 +119,14 @@ class Pipeline:
         for role, cls, rs in plan:
             for i in range(rs.replicas):
                 wid = f"{role}-{i}"
+                # GPU actors see every GPU of their node (peers open each other's memory over CUDA
+                # IPC / NCCL); each uses the one Ray assigned it (workers/worker.py)
+                env = ({"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+                       if rs.num_gpus > 0 else None)
                 actor_cls = ray.remote(cls).options(
                     name=f"lmdisagg-{tag}-{wid}", namespace=cfg.ray.namespace, num_cpus=rs.num_cpus,
                     num_gpus=rs.num_gpus, resources=dict(rs.resources) or None, max_concurrency=1000,
-                    max_restarts=0)
+                    max_restarts=0, runtime_env=env)
                 self.actors.append(actor_cls.remote(wid, _engine_config(cfg, rs), transport, timeouts,
                                                     max(1, int(rs.num_cpus)), cfg.store.model_dump()))
         log.info("starting %d workers (loading %s) ...", len(self.actors), cfg.model)

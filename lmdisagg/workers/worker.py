@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import replace
@@ -47,6 +48,24 @@ def _delta(out: RequestOutput) -> TokenDelta:
 _TIER_NAMES = {"cpu": "cpu", "disk": "disk"}  # store tier name -> index tier (others: remote)
 
 
+def _place_on_gpu(cfg: EngineConfig) -> EngineConfig:
+    """Pick this actor's GPU. The pipeline starts GPU actors with every GPU of the node visible
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), so CUDA IPC and NCCL peers can open each
+    other's memory; the GPU Ray assigned us is then named explicitly."""
+    if cfg.device != "cuda":
+        return cfg
+    import ray
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not ids:
+        return cfg
+    index = int(ids[0])
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if str(index) in visible:  # the node itself runs with a device mask: Ray's id is a physical one
+        index = visible.index(str(index))
+    torch.cuda.set_device(index)
+    return replace(cfg, device=f"cuda:{index}")
+
+
 def _gen_state(h: KVHandle) -> torch.Tensor | None:
     return torch.frombuffer(bytearray(h.generator_state), dtype=torch.uint8) if h.generator_state else None
 
@@ -64,6 +83,7 @@ class Worker:
         self.worker_id = worker_id
         self.timeouts = {"first_token_s": 300.0, "token_s": 60.0, "transfer_s": 30.0, "hold_s": 120.0,
                          **(timeouts or {})}
+        engine_config = _place_on_gpu(engine_config)
         self.kv = KVTransfer.create(transport or {"name": "shm"}, worker_id) if self.role != "both" else None
         engine = Engine(engine_config, kv_allocator=self.kv.allocator if self.kv else None)
         self.engine = engine

@@ -118,7 +118,13 @@ def test_ray_job_submit():
     temp = tempfile.mkdtemp(prefix="lmd-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp}"],
+                             "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp}",
+                             # the job agent's ports, free ones: another local cluster (a fixture's,
+                             # a user's) may hold the defaults, and then no agent takes jobs
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
 
     def ray_job(*args, timeout=120) -> tuple[int, str]:
