@@ -35,7 +35,6 @@ def device_uuid(index: int) -> str:
 
 
 class CudaIpcTransfer(Transfer):
-
     def __init__(self, *args):
         super().__init__(*args)
         self._event: torch.cuda.Event | None = None

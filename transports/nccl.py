@@ -15,8 +15,9 @@ A pull, driven by the destination's link thread (one per source; its pulls run i
 NCCL needs: p2p ops of a pair must match in order)::
 
     for each window of pieces (<= window_nbytes):       two windows in flight at most
-        destination  post recv(piece, tag) for every piece
         destination  → {"op": "send", "tag", "buffer", "pieces": [[offset, nbytes], ...]}
+        destination  post recv(piece, tag) for every piece (in this order: NCCL builds the
+                     pair's communicator inside the first op, which needs the source there too)
         source       check buffer and ranges → post send(piece, tag) for each
                      (or ← {"op": "error"}: the pair is torn down, the transfer FAILED)
     every recv completed → checksums → DONE

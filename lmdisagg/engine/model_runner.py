@@ -16,7 +16,6 @@ A step syncs the device once: when the sampled tokens come back to the host.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 
