@@ -12,17 +12,26 @@ import numpy as np
 def byte_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int],
               block_nbytes: int) -> list[tuple[int, int, int]]:
     """Coalesce block pairs into ``(src_offset, dst_offset, nbytes)`` runs: consecutive source
-    blocks that land on consecutive destination blocks become one copy. Vectorized: a pull of
-    a few hundred blocks must cost microseconds, not a Python loop per block."""
-    s = np.asarray(src_blocks, dtype=np.int64)
-    d = np.asarray(dst_blocks, dtype=np.int64)
-    if s.size == 0:
-        return []
-    cut = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1  # a run starts after each cut
-    starts = np.concatenate(([0], cut))
-    lengths = np.diff(np.concatenate((starts, [s.size])))
-    return list(zip((s[starts] * block_nbytes).tolist(), (d[starts] * block_nbytes).tolist(),
-                    (lengths * block_nbytes).tolist()))
+    blocks that land on consecutive destination blocks become one copy. Long lists are
+    vectorized (a pull of hundreds of blocks must cost microseconds); short ones, the common
+    case, skip numpy's fixed cost."""
+    if len(src_blocks) > 64:
+        s = np.asarray(src_blocks, dtype=np.int64)
+        d = np.asarray(dst_blocks, dtype=np.int64)
+        cut = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1  # a run starts after each cut
+        starts = np.concatenate(([0], cut))
+        lengths = np.diff(np.concatenate((starts, [s.size])))
+        return list(zip((s[starts] * block_nbytes).tolist(), (d[starts] * block_nbytes).tolist(),
+                        (lengths * block_nbytes).tolist()))
+    runs: list[list[int]] = []
+    prev = None
+    for s, d in zip(src_blocks, dst_blocks):
+        if prev is not None and s == prev[0] + 1 and d == prev[1] + 1:
+            runs[-1][2] += block_nbytes
+        else:
+            runs.append([s * block_nbytes, d * block_nbytes, block_nbytes])
+        prev = (s, d)
+    return [tuple(r) for r in runs]
 
 
 def check_blocks(ids: Sequence[int], block_nbytes: int, nbytes: int, what: str) -> tuple[int, ...]:
@@ -30,16 +39,14 @@ def check_blocks(ids: Sequence[int], block_nbytes: int, nbytes: int, what: str) 
     from lmdisagg.transports.transfer import TransferError
     if block_nbytes <= 0:
         raise TransferError(f"{what}: block_nbytes must be positive")
-    a = np.asarray(ids, dtype=np.int64)
-    if a.ndim != 1:
-        raise TransferError(f"{what}: block ids must be a flat sequence of ints")
-    if a.size:
-        lo, hi = int(a.min()), int(a.max())
+    ids = tuple(map(int, ids))
+    if ids:
+        lo, hi = min(ids), max(ids)
         if lo < 0 or (hi + 1) * block_nbytes > nbytes:
             bad = lo if lo < 0 else hi
             raise TransferError(f"{what}: block {bad} of {block_nbytes} bytes lies outside the "
                                 f"{nbytes}-byte buffer")
-    return tuple(a.tolist())
+    return ids
 
 
 def split_runs(runs: Sequence[tuple[int, int, int]], piece_nbytes: int) -> Iterator[tuple[int, int, int]]:
