@@ -59,3 +59,18 @@ def diff(before: dict, after: dict) -> dict:
     if after["tasks"] > before["tasks"]:
         out["tasks"] = after["tasks"] - before["tasks"]
     return out
+
+
+def left_over(before: dict, grace_s: float = 5.0) -> dict:
+    """``diff(before, now)``, given up to ``grace_s`` to become empty: libraries (Mooncake's
+    engine, NCCL) finish closing sockets and threads on their own threads after close returns.
+    What is still there then is a leak."""
+    import gc
+    import time
+    deadline = time.monotonic() + grace_s
+    while True:
+        gc.collect()
+        out = diff(before, snapshot())
+        if not out or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.1)

@@ -4,7 +4,6 @@ a transport and answers commands over a multiprocessing pipe. Replies are ("ok",
 from __future__ import annotations
 
 import os
-import time
 import traceback
 
 
@@ -89,12 +88,7 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 gc.collect()
                 if torch.cuda.is_initialized():
                     torch.cuda.ipc_collect()  # shared CUDA memory the consumer released
-                out = leaks.diff(before, leaks.snapshot())
-                deadline = time.monotonic() + 5  # libraries may finish a teardown on their own threads
-                while out and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                    gc.collect()
-                    out = leaks.diff(before, leaks.snapshot())
+                out = leaks.left_over(before)
             elif op == "exit":
                 conn.send(("ok", None))
                 return
