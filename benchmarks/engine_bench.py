@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import cpu_model, memory_gib  # noqa: E402
+
 from lmdisagg.engine import Engine, SamplingParams  # noqa: E402
 from lmdisagg.models import resolve_model  # noqa: E402
 
@@ -42,10 +43,8 @@ def hardware(device: str) -> tuple[str, str]:
         desc = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
         name = p.name
     else:
-        name = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                    platform.processor() or "cpu")
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        desc = f"{name} {os.cpu_count()}-core VM, {mem:.0f} GiB, no GPU"
+        name = cpu_model()
+        desc = f"{name} {os.cpu_count()}-core VM, {memory_gib():.0f} GiB, no GPU"
         name = f"{name} {os.cpu_count()}core"
     return desc, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import socket
@@ -32,20 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import describe  # noqa: E402
+
 from lmdisagg.engine import Engine, SamplingParams  # noqa: E402
 from lmdisagg.kv.store import StoreBridge, TieredStore, store_namespace  # noqa: E402
 from lmdisagg.kv.store.disk import DiskTier  # noqa: E402
 from lmdisagg.kv.store.host import HostTier  # noqa: E402
 
 PARAMS = SamplingParams(max_tokens=1, ignore_eos=True)
-
-
-def hardware(device: str) -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
-    mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20
-    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
 
 
 def start_redis() -> tuple[str, subprocess.Popen] | None:
@@ -225,7 +218,7 @@ def main() -> None:
         else:
             print("no redis-py or redis-server here: skipping the L4 row")
     try:
-        result = {"model": args.model, "device": args.device, "hardware": args.hardware or hardware(args.device),
+        result = {"model": args.model, "device": args.device, "hardware": args.hardware or describe(args.device),
                   "chunk_tokens": args.chunk_tokens, "repeats": args.repeats, "io_threads": args.io_threads, "torch": torch.__version__,
                   "contexts": {}}
         for ctx in args.contexts:

@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -28,25 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import describe  # noqa: E402
+
 from lmdisagg.router.events import KVEventBatch  # noqa: E402
 from lmdisagg.router.index import ChunkIndex  # noqa: E402
 from lmdisagg.router.policy import PlacementRequest, WorkerLoad, make_policy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOC_CHUNKS = 50
-
-
-def hardware() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu} {os.cpu_count()}-core VM, {mem:.0f} GiB, no GPU, Python {platform.python_version()}"
 
 
 def build_index(rng: random.Random, n_workers: int, n_keys: int):
@@ -128,7 +116,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['policy']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['cpu_p50_ms']:.3f} | "
               f"{r['cpu_p99_ms']:.3f} | {r['cpu_max_ms']:.3f} | {r['mean_cached_chunks']:.1f} |")
-    out = {"benchmark": "router_decision", "hardware": hardware(), "seed": args.seed,
+    out = {"benchmark": "router_decision", "hardware": describe(), "seed": args.seed,
            "workers": args.workers, "distinct_keys": distinct, "index_entries": len(ix),
            "apply_events_per_s": n_events / apply_s, "index_bytes": mem, "bytes_per_entry": mem / len(ix),
            "load_average": load, "target_p99_ms": 1.0, "results": rows}

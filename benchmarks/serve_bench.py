@@ -15,35 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import socket
 import statistics
 import time
 from pathlib import Path
 
+from machine import describe
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def hardware() -> str:
-    import os
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = ""
-    try:
-        import torch
-        if torch.cuda.is_available():
-            gpu = f", {torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB{gpu or ', no GPU'}"
 
 
 def synth_tokens(hash_id: int, n: int, vocab: int) -> list[int]:
@@ -196,7 +176,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{'cpu' if args.device == 'cpu' else 'cuda'}"
-    doc = {"hardware": hardware(), "model": args.model, "device": args.device, "transport": args.transport,
+    doc = {"hardware": describe(args.device), "model": args.model, "device": args.device, "transport": args.transport,
            "workload": {k: v for k, v in vars(args).items() if k not in ("out",)},
            "results": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries]}
     (out / f"serve_{tag}.json").write_text(json.dumps(doc, indent=1))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from router_bench import hardware  # noqa: E402
+from machine import describe  # noqa: E402
 
 from lmdisagg.sim.report import format_table  # noqa: E402
 from lmdisagg.sim.simulator import SimConfig, Simulator  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     c = cfg.cost
     out = {
-        "benchmark": "sim_mooncake", "hardware": hardware(), "load_average": os.getloadavg()[0],
+        "benchmark": "sim_mooncake", "hardware": describe(), "load_average": os.getloadavg()[0],
         "trace": Path(args.trace).name, "requests": len(trace), "seed": cfg.seed,
         "config": {"workers": cfg.workers, "cache_chunks": cfg.cache_chunks,
                    "cpu_cache_chunks": cfg.cpu_cache_chunks, "ttft_slo_s": cfg.ttft_slo_s,

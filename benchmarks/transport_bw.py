@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import socket
 import statistics
@@ -39,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+from machine import describe  # noqa: E402
 
 from lmdisagg.transports import create_transport  # noqa: E402
 
@@ -226,20 +227,6 @@ def bench_medium(label, spec, sizes, tcp_source):
 
 
 # --- report ------------------------------------------------------------------------------------
-def hardware(device: str) -> str:
-    cpu = platform.processor() or "cpu"
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpus = "no GPU"
-    if device == "cuda":
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        gpus = f"{len(names)}x {names[0]}" if names else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpus}, torch {torch.__version__}"
-
-
 def tag(device: str) -> str:
     if device == "cuda":
         name = torch.cuda.get_device_name(0)
@@ -303,7 +290,7 @@ def main() -> None:
     finally:
         if tcp_source is not None:
             tcp_source.close()
-    hw = hardware(args.device)
+    hw = describe(args.device)
     out = {"benchmark": "transport_bw", "hardware": hw, "load_average": os.getloadavg()[0],
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks; describe not timed; "

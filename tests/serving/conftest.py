@@ -70,6 +70,16 @@ def stop_serve(s: Served, timeout: float = 90) -> int:
     return s.proc.returncode
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray in this process, every process of it on 127.0.0.1 (for Pipeline tests)."""
+    import ray
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="lmdisagg")
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def served():
     s = start_serve(os.environ.get("LMDISAGG_TEST_CONFIG", "cluster_configs/local-cpu.yaml"))

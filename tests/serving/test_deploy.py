@@ -26,15 +26,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="lmdisagg")
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
 def test_python_pipeline(local_ray, engine, mode):
     from openai import OpenAI

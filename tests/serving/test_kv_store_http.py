@@ -48,16 +48,6 @@ def redis(tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import os
-    import ray
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="lmdisagg")
-    yield ray
-    ray.shutdown()
-
-
 def test_reuse_from_every_tier_and_after_restart(local_ray, redis, engine, tmp_path):
     a, b = prompt(1), prompt(2)
     expect = {p: engine.generate(p, SamplingParams(max_tokens=12, ignore_eos=True))[0].text for p in (a, b)}

@@ -106,19 +106,11 @@ class HostTier(StoreTier):
     def pin(self, key: ChunkKey) -> bool:
         with self._lock:
             self._check_open()
-            e = self._index.peek(key)
-            if e is None:
-                return False
-            e.pins += 1
-            return True
+            return self._index.pin(key)
 
     def unpin(self, key: ChunkKey) -> bool:
         with self._lock:
-            e = self._index.entries.get(key)
-            if e is None or not e.pins:
-                return False
-            e.pins -= 1
-            return True
+            return self._index.unpin(key)
 
     def remove(self, key: ChunkKey) -> bool:
         with self._lock:

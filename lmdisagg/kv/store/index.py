@@ -60,6 +60,22 @@ class ChunkIndex:
         self.entries[key] = Entry(nbytes, self.clock() if last_used is None else last_used, ready=ready)
         self.used += nbytes
 
+    def pin(self, key: ChunkKey) -> bool:
+        """One more pin on a present (unexpired) chunk; False if absent."""
+        e = self.peek(key)
+        if e is None:
+            return False
+        e.pins += 1
+        return True
+
+    def unpin(self, key: ChunkKey) -> bool:
+        """Drop one pin; False if the chunk was absent or not pinned."""
+        e = self.entries.get(key)
+        if e is None or not e.pins:
+            return False
+        e.pins -= 1
+        return True
+
     def remove(self, key: ChunkKey) -> Entry | None:
         e = self.entries.pop(key, None)
         if e is not None:
