@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also when run through runpy
 from machine import cpu_model, memory_gib  # noqa: E402
 
 from lmdisagg.engine import Engine, SamplingParams  # noqa: E402

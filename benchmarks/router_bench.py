@@ -26,6 +26,7 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also when run through runpy
 
 from machine import describe  # noqa: E402
 

@@ -19,9 +19,11 @@ import random
 import socket
 import statistics
 import time
+import sys
 from pathlib import Path
 
-from machine import describe
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also when run through runpy
+from machine import describe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

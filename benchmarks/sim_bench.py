@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also when run through runpy
 
 from machine import describe  # noqa: E402
 

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also when run through runpy
 # OpenMP threads that spin between parallel regions turn a 1 MiB copy into ~8 ms on a shared,
 # oversubscribed host (measured here); sleeping waiters give both the limit and the transports
 # their real speed. Read by OpenMP when torch loads, so set before the import (children inherit).
