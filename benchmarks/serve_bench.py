@@ -18,8 +18,8 @@ import json
 import random
 import socket
 import statistics
-import time
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also when run through runpy
