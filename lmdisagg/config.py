@@ -28,7 +28,8 @@ class EngineSettings(_Strict):
     num_blocks: int | None = Field(None, description="KV pool size in blocks (overrides kv_cache_bytes)")
     max_model_len: int | None = Field(None, description="context length (default: the model's, capped at 32K)")
     max_num_seqs: int = Field(64, description="sequences running at once per worker")
-    cuda_graphs: bool = Field(True, description="CUDA: decode steps replay CUDA graphs captured at start")
+    cuda_graphs: bool = Field(True, description="CUDA: decode steps and prefill steps of up to 512 new tokens "
+                                                "replay CUDA graphs captured at start")
 
     @field_validator("chunk_tokens")
     @classmethod

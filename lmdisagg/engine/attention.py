@@ -17,8 +17,10 @@ Backends (the model runner picks one; both take the same ``AttentionMetadata``):
                       The reference, and the CPU path.
     TritonAttention   CUDA: Triton KV write and paged flash-decoding (lmdisagg.kernels), SDPA
                       (flash) prefill with a bottom-right causal mask after a cached prefix.
-                      Every tensor it reads is in the metadata, so a decode step can be
-                      captured in a CUDA graph.
+                      With ``meta.paged`` (the prefill graphs), one Triton paged prefill kernel
+                      reads every prefill's context from the cache instead. Every tensor it reads
+                      is in the metadata, so decode and short prefill steps can be captured in
+                      CUDA graphs.
 """
 from __future__ import annotations
 
@@ -40,6 +42,17 @@ class PrefillSeq:
 
 
 @dataclass
+class PagedPrefill:
+    """Prefill attention read entirely from the cache, described by tensors only (CUDA graphs of
+    prefill steps; lmdisagg.kernels.prefill_attention has the layouts)."""
+
+    block_tables: torch.Tensor            # [S, max_blocks]
+    tiles: torch.Tensor                   # [max_tiles, 4] (sequence, first row, rows, first position)
+    token_lens: torch.Tensor              # [N] position + 1 (0: padded row)
+    max_model_len: int                    # fixes the kernel's split size and grid
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one step; built once per step by the model runner."""
 
@@ -58,6 +71,7 @@ class AttentionMetadata:
     # row in the batch) where blocks is a block id (part of one block) or a slice of consecutive
     # block ids (whole blocks). Decode rows use slot_*.
     prefill_runs: list[tuple[int | slice, int, int, int]] | None = None
+    paged: PagedPrefill | None = None      # Triton backend: every row is a prefill token, read back
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -147,9 +161,20 @@ class TritonAttention(TorchAttention):
     def __init__(self, max_model_len: int):
         from lmdisagg.kernels.decode_attention import max_splits, paged_decode_attention
         from lmdisagg.kernels.kv_write import write_kv
+        from lmdisagg.kernels.prefill_attention import paged_prefill_attention
         self._write_kv = write_kv
+        self._prefill = paged_prefill_attention
         self._decode = paged_decode_attention
         self._split_slots = max_splits(max_model_len)  # one reduce width: eager == graph, bit for bit
+
+    def __call__(self, q, k, v, kv_cache, layer, meta):
+        if meta.paged is None:
+            return super().__call__(q, k, v, kv_cache, layer, meta)
+        n, hq, d = q.shape
+        self.write(kv_cache, layer, k, v, meta)
+        p = meta.paged
+        return self._prefill(q, kv_cache, layer, p.block_tables, p.tiles, p.token_lens,
+                             p.max_model_len).view(n, hq * d)
 
     def write(self, kv_cache, layer, k, v, meta) -> None:
         self._write_kv(kv_cache, layer, k, v, meta.slot_blocks, meta.slot_offsets)

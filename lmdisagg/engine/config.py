@@ -16,7 +16,7 @@ class EngineConfig:
     max_num_seqs: int = 64               # running sequences at once
     max_num_batched_tokens: int | None = None  # new tokens per step; default max(max_model_len, 8192)
     seed: int = 0                        # dummy weights and unseeded sampling
-    cuda_graphs: bool = True             # capture decode steps on CUDA
+    cuda_graphs: bool = True             # CUDA: graphs of decode steps and of prefill steps <= 512 tokens
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":

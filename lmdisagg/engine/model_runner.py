@@ -9,8 +9,9 @@ The KV cache is allocated here, once: ``kv: [num_blocks, L, 2, T, H_kv, D]``.
 Per device:
     CPU     TorchAttention; bf16 weights packed for oneDNN (lmdisagg.kernels.cpu_linear).
     CUDA    TritonAttention (Triton KV write + paged decode, SDPA prefill); for 16-bit dtypes
-            also fused RMSNorm / RoPE / SwiGLU kernels; decode-only steps replay CUDA graphs
-            (cuda_graphs.DecodeGraphs) unless ``cuda_graphs=False``.
+            also fused RMSNorm / RoPE / SwiGLU kernels; unless ``cuda_graphs=False``, decode-only
+            steps and prefill-only steps of up to 512 new tokens (a cache hit's suffix, short
+            prompts) replay CUDA graphs (cuda_graphs.DecodeGraphs / PrefillGraphs).
 A step syncs the device once: when the sampled tokens come back to the host.
 """
 from __future__ import annotations
@@ -68,12 +69,15 @@ class ModelRunner:
         # Triton launches on the current device: steps run with the engine's device current
         # (an engine on cuda:1 in a process whose current device is cuda:0)
         self._on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if device.type == "cuda" and cuda_graphs and self.triton:
-            from lmdisagg.engine.cuda_graphs import DecodeGraphs
-            with self._on_device:
+            from lmdisagg.engine.cuda_graphs import MAX_PREFILL_SEQS, DecodeGraphs, PrefillGraphs
+            with self._on_device:  # now, before any request or KV transfer can run beside them
                 self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, self.max_model_len, chunk_tokens)
-                self.graphs.capture()  # now, before any request or KV transfer can run beside it
+                self.graphs.capture()
+                self.prefill_graphs = PrefillGraphs(model, self.kv, min(max_num_seqs, MAX_PREFILL_SEQS),
+                                                    self.max_model_len, chunk_tokens)
+                self.prefill_graphs.capture()
 
     def set_attention(self, kind: str) -> None:
         """"torch" or "triton" attention backend (CUDA picks triton; tests also run triton on CPU
@@ -187,6 +191,8 @@ class ModelRunner:
         with self._on_device:
             if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
                 logits = self.graphs.run(decodes)                          # [B, vocab]
+            elif not decodes and self.prefill_graphs is not None and self.prefill_graphs.fits(prefills):
+                logits = self.prefill_graphs.run(prefills)                 # [B, vocab]
             else:
                 ids, positions, meta, last = self.prepare(prefills, decodes)
                 hidden = self.model(ids, positions, self.kv, meta)         # [N, hidden]

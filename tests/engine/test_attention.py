@@ -135,6 +135,35 @@ def test_static_decode_buffers_equal_plain_decode(tiny_model_dir):
     assert tokens[0] == tokens[1]
 
 
+def test_static_prefill_buffers_equal_plain_prefill(tiny_model_dir):
+    """The CUDA-graph prefill path (static buffers, tokens padded to their bucket, padding tiles,
+    the Triton paged prefill kernel reading every context from the cache), run eagerly here,
+    gives the plain path's tokens: prompts from scratch, several in one step, and suffixes after
+    a cached prefix. Prompts longer than the largest bucket take the plain path."""
+    from lmdisagg.engine.cuda_graphs import PrefillGraphs
+    prompts = [[(13 * i + 7) % 450 + 3 for i in range(n)] for n in (3, 20, 30)]
+    prefix = [(5 * i + 1) % 400 + 9 for i in range(40)]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    tokens = []
+    for static in (False, True):
+        e = Engine(model=str(tiny_model_dir), device=DEVICE.type, dtype="float32", chunk_tokens=16,
+                   num_blocks=40, max_model_len=256, max_num_seqs=4, cuda_graphs=False)
+        e.runner.set_attention("triton")
+        if static:
+            e.runner.prefill_graphs = PrefillGraphs(e.model, e.runner.kv, 3, 256, 16, max_tokens=64, capture=False)
+        out = [r.token_ids for r in e.generate(prompts, params)]              # 3 prompts in one step
+        out.append(e.generate(prefix + [3, 4], params)[0].token_ids)          # 42 new tokens
+        hit = e.generate(prefix + [5, 6, 7], params)[0]                       # 32 cached + 11 new
+        assert hit.cached_tokens == 32
+        out.append(hit.token_ids)
+        out.append(e.generate([(3 * i + 2) % 300 + 40 for i in range(90)], params)[0].token_ids)  # 90 new: eager
+        tokens.append(out)
+        if static:  # every prefill step but the long one took the graph path
+            assert e.runner.prefill_graphs.steps == 3
+        assert e.blocks.num_free == e.blocks.num_blocks
+    assert tokens[0] == tokens[1]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 def test_fused_model_ops_match_torch_ops(tiny_model_dir, dtype, tol):
     from lmdisagg.engine.loader import load_model

@@ -1,5 +1,5 @@
-"""The engine on CUDA (Triton kernels, SDPA prefill, CUDA-graph decode) against HF transformers on
-CUDA, and graph-replayed decode against eager decode.
+"""The engine on CUDA (Triton kernels, SDPA prefill, CUDA-graph decode and short prefill) against HF
+transformers on CUDA, and graph-replayed steps against the same steps run eagerly.
 
 Parity model: SmolLM2-135M when it is already fetched; otherwise (the GPU host has no network)
 a random-weight model of SmolLM2's shape in HF format, which both engines load from one
@@ -74,6 +74,10 @@ def test_prefix_cache_hit_matches_hf(cuda_engine, hf_cuda):
     assert ra.cached_tokens == 0 and rb.cached_tokens == 2 * t   # b's prefill reads 2 chunks back
     assert_hf_greedy(hf_cuda, a, ra.token_ids)
     assert_hf_greedy(hf_cuda, b, rb.token_ids)
+    steps = cuda_engine.runner.prefill_graphs.steps
+    rc = cuda_engine.generate(prefix + random_ids(7, seed=14), params)[0]  # a short suffix: graph prefill
+    assert rc.cached_tokens == 2 * t and cuda_engine.runner.prefill_graphs.steps == steps + 1
+    assert_hf_greedy(hf_cuda, prefix + random_ids(7, seed=14), rc.token_ids)
 
 
 def test_graph_decode_equals_eager_decode():
@@ -84,6 +88,7 @@ def test_graph_decode_equals_eager_decode():
     for graphs in (True, False):
         e = Engine(model="llama-3.2-1b-dummy", device="cuda", dtype="bfloat16", kv_cache_bytes=1 << 30,
                    max_num_seqs=8, cuda_graphs=graphs)
+        e.runner.prefill_graphs = None  # prefills eager in both: only decode differs
         params = SamplingParams(max_tokens=40, ignore_eos=True)
         tokens[graphs] = [r.token_ids for r in e.generate(prompts, params)]      # decode batch 4
         tokens[graphs].append(e.generate(prompts[2], params)[0].token_ids)      # decode batch 1
@@ -95,3 +100,32 @@ def test_graph_decode_equals_eager_decode():
         torch.cuda.empty_cache()
     assert tokens[True] == tokens[False]
     assert len({tuple(t) for t in tokens[True]}) > 1
+
+
+def test_graph_prefill_equals_eager_prefill():
+    """The prefill graphs replayed, and the same static-buffer steps run eagerly: same kernels,
+    so the same bits, bf16 included: prompts from scratch (several in one step) and suffixes
+    after cached prefixes, up to the largest bucket."""
+    from lmdisagg.engine.cuda_graphs import PrefillGraphs
+    tokens = {}
+    prefix = random_ids(700, seed=3, vocab=128000)
+    for capture in (True, False):
+        e = Engine(model="llama-3.2-1b-dummy", device="cuda", dtype="bfloat16", kv_cache_bytes=1 << 30,
+                   max_num_seqs=8, cuda_graphs=True)
+        if not capture:
+            e.runner.prefill_graphs = PrefillGraphs(e.model, e.runner.kv, 8, e.max_model_len,
+                                                    e.config.chunk_tokens, capture=False)
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        prompts = [random_ids(n, seed=n, vocab=128000) for n in (5, 40, 300)]   # one 345-token step
+        out = [r.token_ids for r in e.generate(prompts, params)]
+        e.generate(prefix, SamplingParams(max_tokens=1))                        # 700 tokens: eager
+        for n in (1, 60, 255, 500):                                              # suffixes after 512 cached
+            r = e.generate(prefix[:512] + random_ids(n, seed=100 + n, vocab=128000), params)[0]
+            assert r.cached_tokens == 512
+            out.append(r.token_ids)
+        tokens[capture] = out
+        assert e.runner.prefill_graphs.steps == 5
+        assert e.blocks.num_free == e.blocks.num_blocks
+        del e
+        torch.cuda.empty_cache()
+    assert tokens[True] == tokens[False]
