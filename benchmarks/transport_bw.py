@@ -12,6 +12,10 @@ pulls into a registered destination buffer in ordinary memory (a decode engine's
 warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls;
 the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
 ``first_contact_ms``: the very first pull (handshakes, IPC opens, pair groups).
+``*_pipelined``: DEPTH pulls of the size in flight at once (into distinct blocks), then all waited
+for: the rate a worker sees when several requests' KV moves at once (as ib_write_bw and
+nccl-tests keep operations in flight); its limit is DEPTH raw copies queued back to back, then
+one sync. Sizes whose DEPTH copies do not fit the largest payload get no pipelined figures.
 
 Limits, timed the same way in this process: host memcpy (shm, fake), loopback TCP between two
 processes (nccl-gloo, mooncake-tcp), device-to-device copy (same-GPU IPC), torch peer copy
@@ -47,6 +51,7 @@ from lmdisagg.transports import create_transport  # noqa: E402
 MiB = 1 << 20
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 2 * MiB  # one KV chunk of a mid-size model in bf16
+DEPTH = 4        # pulls in flight for the pipelined figures
 
 # label: (transport, options, source device, destination device, limit)
 CPU_MEDIA = {
@@ -138,11 +143,13 @@ def cuda_sync():
             torch.cuda.synchronize(i)
 
 
-def limit_op(kind: str, nbytes: int, tcp_source: Source | None):
-    """(fn, sync, cleanup): one raw copy of ``nbytes`` over the medium's underlying link."""
+def limit_op(kind: str, nbytes: int, tcp_source: Source | None, depth: int = 1):
+    """(fn, sync, cleanup): ``depth`` raw copies of ``nbytes`` over the medium's underlying
+    link, into distinct regions, queued back to back."""
+    parts = [slice(i * nbytes, (i + 1) * nbytes) for i in range(depth)]
     if kind == "host memcpy":
-        a, b = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
-        return (lambda: b.copy_(a)), (lambda: None), (lambda: None)
+        a, b = torch.ones(depth * nbytes, dtype=torch.uint8), torch.zeros(depth * nbytes, dtype=torch.uint8)
+        return (lambda: [b[p].copy_(a[p]) for p in parts]), (lambda: None), (lambda: None)
     if kind == "loopback TCP":
         view = memoryview(bytearray(nbytes))
         srv = socket.create_server(("127.0.0.1", 0))
@@ -157,19 +164,43 @@ def limit_op(kind: str, nbytes: int, tcp_source: Source | None):
                 while got < nbytes:
                     got += conn.recv_into(view[got:], nbytes - got)
             tcp_source.conn.recv()
-        return once, (lambda: None), srv.close
+        return (lambda: [once() for _ in parts]), (lambda: None), srv.close
     dev0 = torch.device("cuda:0")
+    n = depth * nbytes
     if kind == "D2D copy":
-        a, b = torch.ones(nbytes, dtype=torch.uint8, device=dev0), torch.zeros(nbytes, dtype=torch.uint8, device=dev0)
+        a, b = torch.ones(n, dtype=torch.uint8, device=dev0), torch.zeros(n, dtype=torch.uint8, device=dev0)
     elif kind == "peer copy":
-        a = torch.ones(nbytes, dtype=torch.uint8, device=dev0)
-        b = torch.zeros(nbytes, dtype=torch.uint8, device="cuda:1")
+        a = torch.ones(n, dtype=torch.uint8, device=dev0)
+        b = torch.zeros(n, dtype=torch.uint8, device="cuda:1")
     elif kind == "pinned copy":
-        a = torch.ones(nbytes, dtype=torch.uint8).pin_memory()
-        b = torch.zeros(nbytes, dtype=torch.uint8, device=dev0)
+        a = torch.ones(n, dtype=torch.uint8).pin_memory()
+        b = torch.zeros(n, dtype=torch.uint8, device=dev0)
     else:
         raise ValueError(kind)
-    return (lambda: b.copy_(a, non_blocking=True)), cuda_sync, (lambda: None)
+    return (lambda: [b[p].copy_(a[p], non_blocking=True) for p in parts]), cuda_sync, (lambda: None)
+
+
+def pipelined(tx, src, dst, size, block, limit, tcp_source) -> dict:
+    """DEPTH pulls of ``size`` in flight vs DEPTH raw copies queued (see the module doc)."""
+    if DEPTH * size > dst.desc.nbytes:
+        return {}
+    nb = size // block
+    ids = [list(range(i * nb, (i + 1) * nb)) for i in range(DEPTH)]
+    descs = [src.call("describe", b, block, False) for b in ids]
+
+    def pulls():
+        xs = [tx.pull(d, dst, b) for d, b in zip(descs, ids)]
+        for x in xs:
+            x.wait(600)
+    lim_fn, sync, cleanup = limit_op(limit, size, tcp_source, DEPTH)
+    try:
+        secs, lim = timed_pair(pulls, lim_fn, DEPTH * size, sync)
+    finally:
+        cleanup()
+    total = DEPTH * size
+    return {"depth": DEPTH, "gbps_pipelined": round(total / statistics.median(secs) / 1e9, 3),
+            "limit_gbps_pipelined": round(total / statistics.median(lim) / 1e9, 3),
+            "ratio_pipelined": round(statistics.median(b / a for a, b in zip(secs, lim)), 3)}
 
 
 def bench_medium(label, spec, sizes, tcp_source):
@@ -180,6 +211,7 @@ def bench_medium(label, spec, sizes, tcp_source):
     # the destination is a decode engine's cache in its own (default) memory; pages faulted in,
     # as a running worker's cache is
     dst = tx.register(torch.zeros(top, dtype=torch.uint8, device=dst_dev))
+    launcher = getattr(getattr(tx, "launcher", None), "name", None)  # cuda_ipc: "cupy" or "torch"
     try:
         tiny = src.call("describe", [0], 4096, False)
         t0 = time.perf_counter()
@@ -216,10 +248,12 @@ def bench_medium(label, spec, sizes, tcp_source):
                          "fixed_us": round(fixed_us, 1), "limit": limit,
                          "first_contact_ms": round(first_ms, 2), "reps": len(secs),
                          "gbps_best": round(best, 3), "limit_gbps_best": round(limit_best, 3),
-                         "ratio_best": round(best / limit_best, 3)})
+                         "ratio_best": round(best / limit_best, 3), "launcher": launcher,
+                         **pipelined(tx, src, dst, size, block, limit, tcp_source)})
             r = rows[-1]
+            piped = f"  pipelined x{DEPTH} {r['ratio_pipelined']:5.2f}" if "ratio_pipelined" in r else ""
             print(f"{label:22s} {size / MiB:7.0f} MiB {r['gbps']:8.2f} GB/s  limit {r['limit_gbps']:8.2f} "
-                  f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f})  fixed {fixed_us:7.1f} µs",
+                  f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f}){piped}  fixed {fixed_us:7.1f} µs",
                   flush=True)
         return rows
     finally:
@@ -296,17 +330,19 @@ def main() -> None:
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks; describe not timed; "
            "gbps/limit_gbps: medians; ratio: median of paired runs (transport, then limit); "
-           "*_best: fastest run of each",
+           "*_best: fastest run of each; *_pipelined: depth pulls in flight vs depth raw copies queued",
            "skipped": skipped, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"transport_{tag(args.device)}.json"
     path.write_text(json.dumps(out, indent=1))
     plot(rows, path.with_suffix(".png"), f"KV transports vs link limit — {hw}")
     print(f"\n{'transport':22s} {'MiB':>7s} {'GB/s':>8s} {'limit':>8s} {'ratio':>6s} {'best':>6s} "
-          f"{'fixed µs':>9s} {'1st ms':>8s}  (medians; best = fastest run of each)")
+          f"{'x' + str(DEPTH):>6s} {'fixed µs':>9s} {'1st ms':>8s}  (medians; best = fastest run of each; "
+          f"x{DEPTH} = ratio with {DEPTH} pulls in flight)")
     for r in rows:
+        piped = f"{r['ratio_pipelined']:6.2f}" if "ratio_pipelined" in r else f"{'-':>6s}"
         print(f"{r['transport']:22s} {r['bytes'] / MiB:7.0f} {r['gbps']:8.2f} {r['limit_gbps']:8.2f} "
-              f"{r['ratio']:6.2f} {r['ratio_best']:6.2f} {r['fixed_us']:9.1f} {r['first_contact_ms']:8.1f}")
+              f"{r['ratio']:6.2f} {r['ratio_best']:6.2f} {piped} {r['fixed_us']:9.1f} {r['first_contact_ms']:8.1f}")
     for k, why in skipped.items():
         print(f"{k}: skipped ({why})")
     print(f"wrote {path} (+ .png); load average {out['load_average']:.1f}")

@@ -4,6 +4,7 @@ of the cache: a registered buffer is ``[num_blocks, block_nbytes]`` bytes, block
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -12,10 +13,15 @@ import numpy as np
 def byte_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int],
               block_nbytes: int) -> list[tuple[int, int, int]]:
     """Coalesce block pairs into ``(src_offset, dst_offset, nbytes)`` runs: consecutive source
-    blocks that land on consecutive destination blocks become one copy. Long lists are
-    vectorized (a pull of hundreds of blocks must cost microseconds); short ones, the common
-    case, skip numpy's fixed cost."""
-    if len(src_blocks) > 64:
+    blocks that land on consecutive destination blocks become one copy. Two unbroken ranges (a
+    prompt's blocks in a fresh pool) are one comparison each; other long lists are vectorized (a
+    pull of hundreds of blocks must cost microseconds); short ones skip numpy's fixed cost."""
+    n = len(src_blocks)
+    if n > 8:
+        s0, d0 = src_blocks[0], dst_blocks[0]
+        if tuple(src_blocks) == tuple(range(s0, s0 + n)) and tuple(dst_blocks) == tuple(range(d0, d0 + n)):
+            return [(s0 * block_nbytes, d0 * block_nbytes, n * block_nbytes)]
+    if n > 64:
         s = np.asarray(src_blocks, dtype=np.int64)
         d = np.asarray(dst_blocks, dtype=np.int64)
         cut = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1  # a run starts after each cut
@@ -39,7 +45,12 @@ def check_blocks(ids: Sequence[int], block_nbytes: int, nbytes: int, what: str) 
     from lmdisagg.transports.transfer import TransferError
     if block_nbytes <= 0:
         raise TransferError(f"{what}: block_nbytes must be positive")
-    ids = tuple(map(int, ids))
+    ids = ids if type(ids) is tuple else tuple(ids)
+    if not set(map(type, ids)) <= {int}:  # numpy integers and the like: plain ints
+        try:
+            ids = tuple(map(operator.index, ids))
+        except TypeError:
+            raise TransferError(f"{what}: block ids must be integers") from None
     if ids:
         lo, hi = min(ids), max(ids)
         if lo < 0 or (hi + 1) * block_nbytes > nbytes:

@@ -10,6 +10,11 @@ GPUs (over NVLink / PCIe peer access where the driver has it).
                            for many runs on one device), record an event
             poll()         event.query(); then liveness + checksums → DONE
 
+Launching: with cupy installed (``runtime="auto"`` or ``"cupy"``) the copies, the stream wait
+and the events go through cupy's CUDA runtime bindings, a few µs per call; without it (or with
+``runtime="torch"``) through torch's stream and event objects, whose Python helpers cost tens
+of µs per pull. Both use the same raw streams and move the same bytes.
+
 Devices are matched by UUID, so workers may see GPUs under different indices
 (CUDA_VISIBLE_DEVICES per actor); the source's GPU must be visible to the destination.
 Enqueued copies cannot be cancelled: ``abort`` waits for them (milliseconds). A transfer whose
@@ -18,6 +23,7 @@ source died before it completed is FAILED: IPC memory of a dead process is not t
 from __future__ import annotations
 
 import os
+import threading
 
 import msgpack
 import torch
@@ -41,11 +47,46 @@ class CudaIpcTransfer(Transfer):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._event: torch.cuda.Event | None = None
-        self._src = None  # keeps the opened source alive while copies are queued
+        self._done = None   # () -> bool: the copies finished (an event query)
+        self._sync = None   # () -> None: wait for them
+        self._src = None    # keeps the opened source alive while copies are queued
 
-    def launch(self, src: torch.Tensor, runs, stream: torch.cuda.Stream) -> None:
-        dst = self.dst.flat
+    def launched(self, src: torch.Tensor, done, sync) -> None:
+        self._src, self._done, self._sync = src, done, sync
+        self._quiet = False
+        self._start()
+
+    def _progress(self) -> None:
+        with self._cond:
+            if self._state.terminal or self._done is None or not self._done():
+                return
+            self.bytes_done = self.nbytes
+            self._landed()
+            self._release()
+
+    def _release(self) -> None:
+        self._src = self._done = self._sync = None
+        self._quiesce()
+
+    def _cancel(self) -> bool:
+        if self._sync is not None:
+            self._sync()  # queued copies cannot be recalled; they take milliseconds
+        self._release()
+        return True
+
+
+class _TorchLauncher:
+    """Copies queued with torch ops on a side stream of the destination device."""
+
+    name = "torch"
+
+    def __init__(self):
+        self._streams: dict[int, torch.cuda.Stream] = {}
+
+    def launch(self, src: torch.Tensor, dst: torch.Tensor, runs) -> tuple:
+        stream = self._streams.get(dst.device.index)
+        if stream is None:
+            stream = self._streams[dst.device.index] = torch.cuda.Stream(dst.device)
         stream.wait_stream(torch.cuda.current_stream(dst.device))  # after the caller's work on dst
         with torch.cuda.stream(stream):  # (also makes the stream's device current)
             dsts = [dst[d:d + n] for _, d, n in runs]    # [n] uint8 views
@@ -58,38 +99,131 @@ class CudaIpcTransfer(Transfer):
             else:
                 for a, b in zip(dsts, srcs):
                     a.copy_(b, non_blocking=True)  # peer copy when the devices differ
-            self._event = torch.cuda.Event()
-            self._event.record(stream)
-        self._src = src
-        self._quiet = False
-        self._start()
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event.query, event.synchronize
 
-    def _progress(self) -> None:
-        with self._cond:
-            if self._state.terminal or self._event is None or not self._event.query():
-                return
-            self.bytes_done = self.nbytes
-            self._landed()
-            self._src = None
-            self._quiesce()
+    def close(self) -> None:
+        for s in self._streams.values():
+            s.synchronize()
+        self._streams.clear()
 
-    def _cancel(self) -> bool:
-        if self._event is not None:
-            self._event.synchronize()  # queued copies cannot be recalled; they take milliseconds
-        self._src = None
-        self._quiesce()
-        return True
+
+class _CupyLauncher:
+    """Copies queued with cupy's CUDA runtime bindings: cudaMemcpyAsync per run on a side stream
+    of the destination device, ordered after the caller's current torch stream by an event."""
+
+    name = "cupy"
+
+    def __init__(self):
+        from cupy.cuda import runtime as rt  # ImportError: no cupy
+        self.rt = rt
+        self._lock = threading.Lock()
+        self._streams: dict[int, tuple[int, int]] = {}   # device -> (side stream, "after" event)
+        self._free: dict[int, list[int]] = {}           # device -> idle completion events
+        self._events: list[tuple[int, int]] = []         # every event made (device, handle)
+        self._peers: set[tuple[int, int]] = set()
+
+    def _on(self, index: int):
+        prev = self.rt.getDevice()
+        if prev != index:
+            self.rt.setDevice(index)
+        return prev
+
+    def _setup(self, index: int, src_index: int) -> tuple[int, int]:
+        rt = self.rt
+        prev = self._on(index)
+        try:
+            got = self._streams.get(index)
+            if got is None:
+                side = rt.streamCreateWithFlags(rt.streamNonBlocking)
+                after = rt.eventCreateWithFlags(rt.eventDisableTiming)
+                got = self._streams[index] = (side, after)
+                self._events.append((index, after))
+                self._free[index] = []
+            if src_index != index and (index, src_index) not in self._peers:
+                try:
+                    rt.deviceEnablePeerAccess(src_index)  # direct NVLink / PCIe peer copies
+                except rt.CUDARuntimeError as e:
+                    if "PeerAccessAlreadyEnabled" not in str(e):
+                        raise
+                self._peers.add((index, src_index))
+            return got
+        finally:
+            if prev != index:
+                rt.setDevice(prev)
+
+    def launch(self, src: torch.Tensor, dst: torch.Tensor, runs) -> tuple:
+        rt = self.rt
+        index, src_index = dst.device.index, src.device.index
+        # one launch at a time: the "after" event is recorded and waited on as a pair
+        with self._lock:
+            if index not in self._streams or (src_index != index and (index, src_index) not in self._peers):
+                self._setup(index, src_index)
+            side, after = self._streams[index]
+            free = self._free[index]
+            prev = self._on(index)
+            try:
+                done_ev = free.pop() if free else None
+                if done_ev is None:
+                    done_ev = rt.eventCreateWithFlags(rt.eventDisableTiming)
+                    self._events.append((index, done_ev))
+                rt.eventRecord(after, torch._C._cuda_getCurrentRawStream(index))  # the caller's stream
+                rt.streamWaitEvent(side, after, 0)
+                sp, dp = src.data_ptr(), dst.data_ptr()
+                for s, d, n in runs:
+                    rt.memcpyAsync(dp + d, sp + s, n, rt.memcpyDefault, side)
+                rt.eventRecord(done_ev, side)
+            finally:
+                if prev != index:
+                    rt.setDevice(prev)
+
+        def done() -> bool:
+            if rt.eventQuery(done_ev) != 0:
+                return False
+            with self._lock:
+                free.append(done_ev)  # called once: the transfer then drops this closure
+            return True
+
+        return done, lambda: rt.eventSynchronize(done_ev)
+
+    def close(self) -> None:
+        rt = self.rt
+        with self._lock:
+            for index, (side, _) in self._streams.items():
+                prev = self._on(index)
+                rt.streamSynchronize(side)
+                rt.streamDestroy(side)
+                if prev != index:
+                    rt.setDevice(prev)
+            for _, ev in self._events:
+                rt.eventDestroy(ev)
+            self._streams.clear()
+            self._events.clear()
+            self._free.clear()
 
 
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
 
-    def __init__(self, *, checksum: bool = False, drain_timeout_s: float = 10.0):
+    def __init__(self, *, checksum: bool = False, drain_timeout_s: float = 10.0, runtime: str = "auto"):
+        """``runtime``: how copies are launched: "cupy", "torch", or "auto" (cupy if installed)."""
         if not torch.cuda.is_available():
             raise TransferError("the cuda_ipc transport needs CUDA devices")
+        if runtime not in ("auto", "cupy", "torch"):
+            raise TransferError(f"cuda_ipc runtime must be 'auto', 'cupy' or 'torch', not {runtime!r}")
         super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         self._opened: dict[tuple[str, int], torch.Tensor] = {}  # (agent, buffer id) -> [nbytes] uint8
-        self._streams: dict[int, torch.cuda.Stream] = {}
+        self.launcher = None
+        if runtime != "torch":
+            try:
+                self.launcher = _CupyLauncher()
+            except ImportError:
+                if runtime == "cupy":
+                    raise TransferError("cuda_ipc runtime='cupy' needs cupy (pip install cupy-cuda12x "
+                                        "or cupy-cuda13x, matching torch's CUDA)") from None
+        if self.launcher is None:
+            self.launcher = _TorchLauncher()
         self._uuids = {device_uuid(i): i for i in range(torch.cuda.device_count())}
 
     def _register(self, buf: Buffer, buffer_id: int) -> tuple[str, bytes]:
@@ -140,12 +274,6 @@ class CudaIpcTransport(Transport):
             for key in [k for k in self._opened if k[0] == agent]:
                 del self._opened[key]
 
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        s = self._streams.get(device.index)
-        if s is None:
-            s = self._streams[device.index] = torch.cuda.Stream(device)
-        return s
-
     def _pull(self, desc: ChunkDesc, dst: Buffer, dst_blocks: tuple[int, ...]) -> Transfer:
         b = desc.buffer
         if dst.flat.device.type != "cuda":
@@ -163,15 +291,13 @@ class CudaIpcTransport(Transport):
             return failed_transfer(desc, dst, dst_blocks, TransferCorruptError(
                 f"descriptor of {b.agent} reaches past its {src.numel()}-byte buffer (truncated)"))
         t = CudaIpcTransfer(desc, dst, dst_blocks, self.peer_alive)
-        t.launch(src, runs, self._stream(dst.flat.device))
+        t.launched(src, *self.launcher.launch(src, dst.flat, runs))
         return t
 
     def _close(self) -> None:
-        for s in self._streams.values():
-            s.synchronize()
+        self.launcher.close()
         with self._lock:
             self._opened.clear()  # frees the storages: torch closes the IPC handles
-            self._streams.clear()
         for key in [k for k in _LOCAL if k[0] == self.agent]:
             del _LOCAL[key]
         torch.cuda.ipc_collect()  # shared blocks whose consumers are done are freed now

@@ -24,13 +24,14 @@ MEDIA = {
     "fake": ("fake", {"latency_s": 0.002, "bandwidth_gbps": 2.0}, "cpu", "cpu"),
     "nccl-gloo": ("nccl", {"backend": "gloo", "op_timeout_s": 10.0}, "cpu", "cpu"),
     "mooncake-tcp": ("mooncake", {"protocol": "tcp"}, "cpu", "cpu"),
-    "cuda_ipc": ("cuda_ipc", {}, "cuda:0", "cuda:0"),
+    "cuda_ipc": ("cuda_ipc", {}, "cuda:0", "cuda:0"),           # launches with cupy where installed
+    "cuda_ipc-torch": ("cuda_ipc", {"runtime": "torch"}, "cuda:0", "cuda:0"),
     "cuda_ipc-2gpu": ("cuda_ipc", {}, "cuda:0", "cuda:1"),
     "nccl-cuda": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1"),
     "shm-cuda": ("shm", {}, "cuda:0", "cuda:0"),
 }
 CPU_MEDIA = ["shm", "fake", "nccl-gloo", "mooncake-tcp"]
-GPU_MEDIA = ["cuda_ipc", "cuda_ipc-2gpu", "nccl-cuda", "shm-cuda"]
+GPU_MEDIA = ["cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "nccl-cuda", "shm-cuda"]
 DRAIN_S = 3.0
 
 
