@@ -19,7 +19,7 @@ WORDS = ("river stone cloud maple lantern harbor quiet ember orbit velvet meadow
 
 def prompt(seed: int) -> str:
     rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(1700))  # ~2.1K tokens: 8 full 256-token chunks
+    return " ".join(rng.choice(WORDS) for _ in range(1700))  # ~1.9K tokens: 7 full 256-token chunks
 
 
 def deploy(local_ray, store: dict):
