@@ -43,8 +43,15 @@ PARAMS = SamplingParams(max_tokens=1, ignore_eos=True)
 
 
 def start_redis() -> tuple[str, subprocess.Popen] | None:
-    exe = shutil.which("redis-server")
+    """A throwaway redis-server on 127.0.0.1 on a free port -> (url, process); None (and says so)
+    without redis-py or the redis-server binary."""
+    try:
+        import redis  # noqa: F401  (the L4 tier needs redis-py)
+        exe = shutil.which("redis-server")
+    except ImportError:
+        exe = None
     if exe is None:
+        print("no redis-py or redis-server here: skipping the L4 row")
         return None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,6 +65,7 @@ def start_redis() -> tuple[str, subprocess.Popen] | None:
         except OSError:
             time.sleep(0.05)
     p.kill()
+    print("redis-server did not start: skipping the L4 row")
     return None
 
 
@@ -209,15 +217,7 @@ def main() -> None:
 
     redis_url, proc = args.redis_url, None
     if redis_url is None and not args.no_redis:
-        try:
-            import redis  # noqa: F401  (the L4 row needs redis-py)
-            started = start_redis()
-        except ImportError:
-            started = None
-        if started:
-            redis_url, proc = started
-        else:
-            print("no redis-py or redis-server here: skipping the L4 row")
+        redis_url, proc = start_redis() or (None, None)
     try:
         result = {"model": args.model, "device": args.device, "hardware": args.hardware or describe(args.device),
                   "chunk_tokens": args.chunk_tokens, "repeats": args.repeats, "io_threads": args.io_threads, "torch": torch.__version__,

@@ -207,17 +207,7 @@ def main() -> None:
     from machine import describe
     from reuse_bench import start_redis
 
-    redis_url, proc = None, None
-    if not args.no_redis:
-        try:
-            import redis  # noqa: F401  (the L4 tier needs redis-py)
-            started = start_redis()
-        except ImportError:
-            started = None
-        if started:
-            redis_url, proc = started
-        else:
-            print("no redis-py or redis-server here: skipping the L4 redis row")
+    redis_url, proc = (None, None) if args.no_redis else (start_redis() or (None, None))
 
     import ray
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="lmdisagg",

@@ -2,6 +2,9 @@
 
     kv_write.py          Triton: scatter new K/V into their paged-cache slots
     decode_attention.py  Triton: paged flash-decoding attention with GQA (one query per sequence)
+    prefill_attention.py Triton: paged causal attention of prefill tokens over their whole context
+                         (split-K, GQA), what the engine's prefill CUDA graphs run
+    _paged.py            the key-tile step both paged attention kernels share
     rms_norm.py          Triton: residual add + RMSNorm in one pass
     rope.py              Triton: rotary embedding in place (q and k heads together)
     activation.py        Triton: SwiGLU over the fused gate_up projection

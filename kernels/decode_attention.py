@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmdisagg.kernels._paged import attend_tile
+
 PART = 256      # keys per split
 BLOCK_N = 64    # keys per inner tile
 
@@ -83,22 +85,9 @@ def _partial_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, mid_o_ptr, mid_lse_p
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
-            blk = tl.load(tables_ptr + b * stride_tb + n // T, mask=nmask, other=0).to(tl.int64)
-            row = head + blk * stride_cb + (n % T) * stride_ct                   # [BLOCK_N] pointers
-            kvmask = nmask[:, None] & dmask[None, :]
-            k = tl.load(row[:, None] + d[None, :], mask=kvmask, other=0.0)     # [BLOCK_N, BLOCK_D]
-            v = tl.load(row[:, None] + stride_ckv + d[None, :], mask=kvmask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-            qk = tl.where(nmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, head, tables_ptr + b * stride_tb, n, nmask,
+                                        nmask[None, :], d, dmask, qk_scale, stride_cb, stride_ct, stride_ckv,
+                                        T, UPCAST, PRECISION)
         o_ptr = mid_o_ptr + b * stride_ob + (h * G + g)[:, None] * stride_oh + s * stride_os + d[None, :]
         tl.store(o_ptr, acc / l_i[:, None], mask=gmask[:, None] & dmask[None, :])
         tl.store(mid_lse_ptr + b * stride_lb + (h * G + g) * stride_lh + s, m_i + tl.log2(l_i), mask=gmask)

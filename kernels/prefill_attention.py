@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmdisagg.kernels._paged import attend_tile
+
 ROWS = 64        # (token, head) rows per program
 BLOCK_N = 64     # keys per inner tile
 MIN_SPLIT = 1024  # keys per split, at least
@@ -120,24 +122,9 @@ def _partial_kernel(q_ptr, cache_ptr, tables_ptr, tiles_ptr, mid_o_ptr, mid_lse_
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
-            blk = tl.load(tables_ptr + seq * stride_tb + n // T, mask=nmask, other=0).to(tl.int64)
-            row = head + blk * stride_cb + (n % T) * stride_ct                 # [BLOCK_N] pointers
-            kvmask = nmask[:, None] & dmask[None, :]
-            k = tl.load(row[:, None] + d[None, :], mask=kvmask, other=0.0)   # [BLOCK_N, BLOCK_D]
-            v = tl.load(row[:, None] + stride_ckv + d[None, :], mask=kvmask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [rows, BLOCK_N]
             see = nmask[None, :] & (n[None, :] <= pos[:, None])
-            qk = tl.where(see, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees nothing yet
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(qk - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, head, tables_ptr + seq * stride_tb, n, nmask, see,
+                                        d, dmask, qk_scale, stride_cb, stride_ct, stride_ckv, T, UPCAST, PRECISION)
         out_row = (r0 + m).to(tl.int64) * stride_on + (h * G + g) * stride_oh + s * stride_os
         tl.store(mid_o_ptr + out_row[:, None] + d[None, :], acc / tl.maximum(l_i, 1e-30)[:, None],
                  mask=rmask[:, None] & dmask[None, :])

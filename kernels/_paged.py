@@ -1,0 +1,34 @@
+"""The inner step both paged attention kernels share (decode_attention, prefill_attention): one
+tile of BLOCK_N keys, looked up token by token in a block table, folded into a running
+flash-attention softmax (base 2) of a tile of query rows."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_tile(q, m_i, l_i, acc, head, table_row, n, nmask, see, d, dmask, qk_scale,
+                stride_cb, stride_ct, stride_ckv, T: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """q: [R, BLOCK_D]; keys ``n`` [BLOCK_N] of the sequence whose block-table row starts at
+    ``table_row``, valid where ``nmask``; ``see`` [R, BLOCK_N]: which row sees which key.
+    -> the updated (m_i [R], l_i [R], acc [R, BLOCK_D]). A row that sees no key yet keeps
+    m_i = -inf and l_i = 0."""
+    blk = tl.load(table_row + n // T, mask=nmask, other=0).to(tl.int64)
+    row = head + blk * stride_cb + (n % T) * stride_ct                    # [BLOCK_N] pointers
+    kvmask = nmask[:, None] & dmask[None, :]
+    k = tl.load(row[:, None] + d[None, :], mask=kvmask, other=0.0)      # [BLOCK_N, BLOCK_D]
+    v = tl.load(row[:, None] + stride_ckv + d[None, :], mask=kvmask, other=0.0)
+    if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [R, BLOCK_N]
+    qk = tl.where(see, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
