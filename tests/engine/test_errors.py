@@ -34,8 +34,11 @@ def test_max_tokens_not_positive(engine, bad):
 
 
 def test_bad_token_ids_and_sampling(engine):
-    with pytest.raises(InvalidRequestError, match="token ids"):
-        engine.add_request("v", [1, 10**9], SamplingParams())
+    vocab = engine.model_config.vocab_size
+    for i, bad in enumerate(([1, 10**9], [1, vocab], [-1, 2], [1, True], [1, 2.0], [1, "3"], [None])):
+        with pytest.raises(InvalidRequestError, match="token ids"):
+            engine.add_request(f"v{i}", bad, SamplingParams())
+    engine.validate([0, vocab - 1], SamplingParams())  # both ends of the vocabulary are fine
     with pytest.raises(InvalidRequestError, match="top_p"):
         engine.add_request("p", [1, 2], SamplingParams(top_p=0.0, temperature=1.0))
     assert not engine.has_unfinished()
