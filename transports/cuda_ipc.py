@@ -51,6 +51,18 @@ class CudaIpcTransfer(Transfer):
         self._sync = None   # () -> None: wait for them
         self._src = None    # keeps the opened source alive while copies are queued
 
+    def wait(self, timeout: float) -> None:
+        """Queued copies need no peer and run at >= 1 GB/s on any GPU link: when they fit the
+        timeout at that rate, wait for them in the driver (a blocking event sync, GIL released),
+        which sees the end ~15 µs sooner than polling from Python; then finish as usual."""
+        sync = self._sync
+        if sync is not None and self.nbytes <= timeout * 1e9:
+            try:
+                sync()
+            except Exception:  # the event was recycled meanwhile (another thread finished us)
+                pass
+        super().wait(timeout)
+
     def launched(self, src: torch.Tensor, done, sync) -> None:
         self._src, self._done, self._sync = src, done, sync
         self._quiet = False
