@@ -62,7 +62,8 @@ class TransportSettings(_Strict):
     checksum: bool = Field(False, description="verify an xxhash per chunk; a mismatch fails the transfer")
     protocol: Literal["tcp", "rdma"] = Field("tcp", description="mooncake only: tcp here, rdma in production")
     runtime: Literal["auto", "cupy", "torch"] = Field(
-        "auto", description="cuda_ipc only: launch copies through cupy (auto: when installed) or torch")
+        "auto", description="cuda_ipc and nccl: launch copies / NCCL calls through cupy (auto: when "
+                            "installed) or torch")
     timeout_s: float = Field(30.0, gt=0, description="a transfer not done by then is failed (never a hang)")
     fake: FakeTransportSettings = Field(default_factory=FakeTransportSettings,
                                         description="fake only: latency, bandwidth and failure knobs")

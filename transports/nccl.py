@@ -1,30 +1,37 @@
-"""Point-to-point over torch.distributed: NCCL for CUDA buffers, gloo for CPU buffers (CI).
+"""Point-to-point over NCCL for CUDA buffers, gloo for CPU buffers (CI); one code path.
 
-There is no global world: workers join at any time. Every NcclTransport hosts
-
-    a control server   TCP on ``host`` (127.0.0.1 by default), msgpack messages, one handler
-                       thread per connected destination (the "serving thread" of the source)
-    a TCPStore         rendezvous for the pair groups in which it is the source
+There is no global world: workers join at any time. Every NcclTransport hosts a control server
+(TCP on ``host``, 127.0.0.1 by default, msgpack messages, one serving thread per connected
+destination) and a TCPStore for the torch pair groups in which it is the source.
 
 A destination's first pull from a source connects to its control server, says hello, and both
-sides build a 2-rank process group over ``PrefixStore("<dst agent>/<epoch>", source's store)``
-(rank 0 = source, rank 1 = destination). One group per (source, destination) pair, kept until
-close or until the pair breaks (then the next pull makes a new epoch).
+sides build the pair's data plane (rank 0 = source, rank 1 = destination), kept until close or
+until the pair breaks (then the next pull makes a new epoch):
 
-A pull, driven by the destination's link thread (one per source; its pulls run in order, which
-NCCL needs: p2p ops of a pair must match in order)::
+    cupy    NCCL through cupy's bindings (``runtime="auto"`` with cupy installed, or "cupy"): the
+            source sends an NCCL unique id on the control connection, both sides make a 2-rank
+            communicator; ncclSend / ncclRecv on a side stream, a CUDA event per window. A few
+            µs per window on each side.
+    torch   a 2-rank torch.distributed group over ``PrefixStore("<dst agent>/<epoch>", source's
+            store)``: gloo for CPU buffers; NCCL without cupy (or ``runtime="torch"``), whose
+            per-op Python and bookkeeping cost ~60-90 µs per window on each side.
 
-    for each window of pieces (<= window_nbytes):       two windows in flight at most
-        destination  → {"op": "send", "tag", "buffer", "pieces": [[offset, nbytes], ...]}
-        destination  post recv(piece, tag) for every piece (in this order: NCCL builds the
-                     pair's communicator inside the first op, which needs the source there too)
-        source       check buffer and ranges → post send(piece, tag) for each
-                     (or ← {"op": "error"}: the pair is torn down, the transfer FAILED)
-    every recv completed → checksums → DONE
+A pull is cut into windows (<= ``window_nbytes``). For each window, in one order per pair (NCCL
+p2p ops of a pair must match in order)::
+
+    destination  → {"op": "send", "tag", "buffer", "pieces": [[offset, nbytes], ...]}
+    destination  post recv(piece) for every piece
+    source       check buffer and ranges → post send(piece) for each
+                 (or ← {"op": "error"}: the pair is torn down, the transfer FAILED)
+
+Up to ``windows_in_flight`` windows of a pair are posted at once, across pulls: the next pull's
+windows go out while earlier ones move. A pull made while its pair is idle posts its first windows
+in the caller's thread (no hand-off); the pair's link thread posts the rest as windows complete,
+reaps windows in order, and finishes pulls (liveness, checksums → DONE).
 
 The source sends nothing unrequested, so abort just stops posting windows and drains the ones in
 flight. A broken control connection (EOF: the peer died or closed) fails the pair's transfers at
-once and aborts its process group; a peer that stops answering is cut off when ``abort`` (or a
+once and aborts its data plane; a peer that stops answering is cut off when ``abort`` (or a
 ``wait`` timeout) finds the drain too slow.
 """
 from __future__ import annotations
@@ -33,7 +40,6 @@ import itertools
 import logging
 import socket
 import threading
-import time
 from collections import deque
 from datetime import timedelta
 
@@ -49,6 +55,7 @@ from lmdisagg.transports.base import (
 
 log = logging.getLogger(__name__)
 _epochs = itertools.count()
+_FAILURES = (ChannelClosed, OSError, RuntimeError)  # socket, torch.distributed, NCCL / CUDA errors
 
 
 def make_pair_group(backend: str, store, rank: int, tx: "NcclTransport"):
@@ -64,6 +71,15 @@ def make_pair_group(backend: str, store, rank: int, tx: "NcclTransport"):
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timedelta(seconds=tx.op_timeout_s)
     return dist.ProcessGroupNCCL(store, rank, 2, opts)  # the NCCL communicator is made lazily
+
+
+def cupy_nccl():
+    """cupy's NCCL bindings if they load here, else None."""
+    try:
+        from cupy.cuda import nccl
+    except (ImportError, OSError):
+        return None
+    return nccl if getattr(nccl, "available", True) else None
 
 
 def _close_listener(sock: socket.socket) -> None:
@@ -83,24 +99,154 @@ def _teardown(pg) -> None:
         log.debug("process group abort: %r", e)
 
 
+# --- data planes: post one window's sends or recvs, tell when they completed -------------------
+class _Works:
+    """One window's torch p2p works."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def done(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()  # gloo: blocks until the data moved (or op_timeout_s); NCCL: orders streams
+
+
+class _TorchPlane:
+    """A 2-rank torch.distributed group: gloo (CPU buffers), or NCCL without cupy."""
+
+    def __init__(self, pg, peer: int, backend: str):
+        self.pg, self.peer = pg, peer
+        self.pollable = backend == "nccl"  # gloo completes p2p works only inside wait()
+
+    def post(self, base: torch.Tensor, pieces, tag: int, send: bool) -> _Works:
+        op = self.pg.send if send else self.pg.recv
+        return _Works([op([base[o:o + n]], self.peer, tag + j) for j, (o, n) in enumerate(pieces)])
+
+    def abort(self) -> None:
+        _teardown(self.pg)
+
+    close = abort
+
+
+class _Event:
+    """One window on a cupy plane: a CUDA event recorded after its NCCL calls."""
+
+    def __init__(self, rt, ev: int):
+        self.rt, self.ev = rt, ev
+
+    def done(self) -> bool:
+        return self.rt.eventQuery(self.ev) == 0
+
+    def wait(self) -> None:
+        self.rt.eventSynchronize(self.ev)
+
+    def __del__(self):
+        try:
+            self.rt.eventDestroy(self.ev)  # legal while pending: freed once it completes
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class _CupyPlane:
+    """NCCL through cupy's bindings: ncclSend / ncclRecv of a window's pieces (one NCCL group)
+    on a side stream of the pair's device, a few µs per window."""
+
+    pollable = True
+
+    def __init__(self, nccl, uid, rank: int, device: int):
+        from cupy.cuda import runtime as rt
+        self.nccl, self.rt, self.peer, self.device = nccl, rt, 1 - rank, device
+        self._lock = threading.Lock()
+        prev = rt.getDevice()
+        rt.setDevice(device)
+        try:
+            # the id is bytes in newer cupy, a tuple of 128 ints in older ones (a list after msgpack)
+            uid = uid if isinstance(uid, bytes) else tuple(uid)
+            self.comm = nccl.NcclCommunicator(2, uid, rank)  # returns once both ranks joined
+            self.stream = rt.streamCreateWithFlags(rt.streamNonBlocking)
+            self.after = rt.eventCreateWithFlags(rt.eventDisableTiming)
+        finally:
+            rt.setDevice(prev)
+
+    def post(self, base: torch.Tensor, pieces, tag: int, send: bool) -> _Event:
+        rt, nccl, comm = self.rt, self.nccl, self.comm
+        if comm is None:
+            raise RuntimeError("the pair's NCCL communicator was aborted")
+        prev = rt.getDevice()
+        if prev != self.device:
+            rt.setDevice(self.device)
+        try:
+            if not send:  # land after the caller's queued work on the destination memory
+                rt.eventRecord(self.after, torch._C._cuda_getCurrentRawStream(self.device))
+                rt.streamWaitEvent(self.stream, self.after, 0)
+            op, ptr = (comm.send if send else comm.recv), base.data_ptr()
+            nccl.groupStart()
+            try:
+                for o, n in pieces:
+                    op(ptr + o, n, nccl.NCCL_UINT8, self.peer, self.stream)
+            finally:
+                nccl.groupEnd()
+            ev = rt.eventCreateWithFlags(rt.eventDisableTiming)
+            rt.eventRecord(ev, self.stream)
+            return _Event(rt, ev)
+        finally:
+            if prev != self.device:
+                rt.setDevice(prev)
+
+    def abort(self) -> None:
+        """Stop the pair's NCCL kernels now (from any thread; once)."""
+        with self._lock:
+            comm, self.comm = self.comm, None
+        if comm is not None:
+            try:
+                comm.abort()
+            except Exception as e:
+                log.debug("nccl comm abort: %r", e)
+
+    def close(self) -> None:
+        self.abort()
+        try:
+            self.rt.streamDestroy(self.stream)
+            self.rt.eventDestroy(self.after)
+        except Exception as e:
+            log.debug("nccl plane close: %r", e)
+
+
+# --- destination side --------------------------------------------------------------------------
 class NcclTransfer(Transfer):
     link: "_Link"
+    windows: deque  # windows not posted yet: lists of (source offset, destination offset, nbytes)
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._quiet = True  # nothing posted yet
+        self._quiet = True  # no window in flight
+        self._posted = 0    # windows in flight
 
     def _begin_io(self) -> bool:
-        """About to post recvs into dst: False if aborting (then post nothing)."""
+        """About to post a window into dst: False if aborting (then post nothing)."""
         with self._cond:
             if self._aborting:
                 return False
             self._quiet = False
+            self._posted += 1
             return True
+
+    def _progress(self) -> None:
+        self.link.advance()  # NCCL: the waiting thread reaps its own windows
+
+    def _window_done(self) -> None:
+        with self._cond:
+            self._posted -= 1
+            if self._posted == 0:
+                self._quiet = True
+                self._cond.notify_all()
 
     def _cancel(self) -> bool:
         """Drain the windows in flight; if the peer is too slow, cut the pair (its serving
-        thread then drops the group, so nothing more lands)."""
+        thread then drops the data plane, so nothing more lands)."""
         with self._cond:
             if self._cond.wait_for(lambda: self._quiet, self.drain_timeout_s):
                 return True
@@ -109,10 +255,19 @@ class NcclTransfer(Transfer):
         return True
 
 
+class _Window:
+    __slots__ = ("x", "work", "nbytes", "last")
+
+    def __init__(self, x: NcclTransfer, work, nbytes: int, last: bool):
+        self.x, self.work, self.nbytes, self.last = x, work, nbytes, last
+
+
 class _Link:
-    """Destination side of one (source, destination) pair. Its worker thread runs the pulls in
-    order; its reader thread watches the control connection, so a lost peer fails the pulls at
-    once (gloo itself may only notice when a receive times out, NCCL never does)."""
+    """Destination side of one (source, destination) pair. Windows are posted under one lock, in
+    one order (by the pulling thread while the pair is idle, else by the link thread); the link
+    thread reaps them in that order. Its reader thread watches the control connection, so a lost
+    peer fails the pulls at once (gloo itself may only notice when a receive times out, NCCL
+    never does)."""
 
     def __init__(self, tx: "NcclTransport", source_agent: str, address: str):
         self.tx = tx
@@ -120,25 +275,50 @@ class _Link:
         host, ctl, store = address.rsplit(":", 2)
         self.host, self.ctl_port, self.store_port = host, int(ctl), int(store)
         self.ch: Channel | None = None
-        self.pg = None
+        self.plane = None
+        self.ready = False  # connected and a window came through: pulls may post inline
         self.broken: TransferError | None = None  # set once; the next pull makes a new link
         self.tag = 0
         self._cv = threading.Condition()
-        self._jobs: deque[NcclTransfer] = deque()
-        self._current: NcclTransfer | None = None
+        self._post_lock = threading.Lock()  # a window's request and its recvs, in pair order
+        self._reap_lock = threading.Lock()  # windows finish in the order they were posted
+        self._jobs: deque[NcclTransfer] = deque()     # pulls with windows not posted yet
+        self._inflight: deque[_Window] = deque()      # posted windows, oldest first
         self._stopping = False
+        self._idle = False  # the link thread sleeps until notified (nothing queued or in flight)
         self._remote_error: str | None = None
         self.threads = [threading.Thread(target=self._run, name=f"lmdisagg-nccl-link-{source_agent}", daemon=True)]
         self.threads[0].start()
 
     # --- called by the transport ---------------------------------------------------------------
     def submit(self, x: NcclTransfer) -> None:
+        w = self.tx.window_nbytes
+        x.windows = deque(windows(list(split_runs(byte_runs(x.desc.block_ids, x.dst_blocks, x.desc.block_nbytes), w)), w))
         with self._cv:
-            if self.broken is None:
+            err = self.broken
+            if err is None and (not self.ready or self._jobs):  # the link thread posts it
                 self._jobs.append(x)
                 self._cv.notify_all()
                 return
-        x._fail(self.broken)
+        if err is None:
+            try:
+                with self._post_lock:
+                    self._post_from(x)
+            except _FAILURES as e:
+                self.cut(PeerLostError(f"nccl pull from {self.source} failed: {e}"))
+                err = self.broken
+            except Exception as e:  # never leave a pull that nobody drives
+                log.exception("nccl pull from %s failed", self.source)
+                self.cut(TransferError(f"nccl pull from {self.source} failed: {e!r}"))
+                err = self.broken
+            else:
+                with self._cv:
+                    if x.windows:  # no room for all of it: the link thread posts the rest first
+                        self._jobs.appendleft(x)
+                    if x.windows or self._idle:  # else the link thread is already looking
+                        self._cv.notify_all()
+                return
+        x._fail(err)
         x._quiesce()
 
     def stop(self) -> None:
@@ -148,118 +328,184 @@ class _Link:
 
     def cut(self, err: TransferError) -> None:
         """Break the pair from any thread: queued and running pulls FAIL now (nothing more can
-        land: the source drops the group when its control connection closes)."""
+        land: the data plane is aborted, and the source drops its side when its control
+        connection closes)."""
         with self._cv:
             if self.broken is None:
                 self.broken = err
-            victims = list(self._jobs) + ([self._current] if self._current else [])
+            victims = dict.fromkeys(list(self._jobs) + [w.x for w in self._inflight])
             self._jobs.clear()
+            self._inflight.clear()
             self._cv.notify_all()
         if self.ch is not None:
             self.ch.close()
-        _teardown(self.pg)
+        if self.plane is not None:
+            self.plane.abort()
         for x in victims:
             x._fail(self.broken)
             x._quiesce()
 
-    # --- worker thread -------------------------------------------------------------------------
-    def _run(self) -> None:
+    # --- posting (under _post_lock) --------------------------------------------------------------
+    def _post_from(self, x: NcclTransfer) -> None:
+        """Post x's next windows while the pair has room."""
+        while x.windows:
+            with self._cv:
+                if self.broken is not None or len(self._inflight) >= self.tx.windows_in_flight:
+                    return
+            if not x._begin_io():  # aborting: post nothing more (abort waits for those in flight)
+                x.windows.clear()
+                return
+            x._start()
+            win = x.windows.popleft()
+            tag = self.tag
+            self.tag = (tag + len(win)) % (1 << 30)
+            # ask first, then post the recvs (a torch NCCL group builds its communicator inside
+            # the first recv, which blocks until the source, prompted by this message, joins)
+            self.ch.send({"op": "send", "tag": tag, "buffer": x.desc.buffer.buffer_id,
+                          "pieces": [[s, n] for s, _, n in win]})
+            work = self.plane.post(x.dst.flat, [(d, n) for _, d, n in win], tag, send=False)
+            with self._cv:
+                self._inflight.append(_Window(x, work, sum(n for *_, n in win), not x.windows))
+
+    def _post_queued(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stopping:
-                    self._cv.wait()
-                if not self._jobs:
-                    break
-                x = self._current = self._jobs.popleft()
-            self._pull(x)
+                if not self._jobs or self.broken is not None:
+                    return
+                x = self._jobs[0]
+            self._post_from(x)
+            if x.windows:
+                return  # no room
             with self._cv:
-                self._current = None
-        if self.ch is not None:
-            self.ch.close()
-        _teardown(self.pg)
-        self.pg = None  # frees the group's gloo device / NCCL communicator
+                if self._jobs and self._jobs[0] is x:
+                    self._jobs.popleft()
+
+    # --- link thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = 2e-4
+        try:
+            while True:
+                with self._cv:
+                    self._idle = True
+                    while not (self._jobs or self._inflight or self._stopping or self.broken):
+                        self._cv.wait()
+                    self._idle = False
+                    if self.broken is not None or (self._stopping and not self._jobs and not self._inflight):
+                        break
+                if self.plane is None:
+                    self._connect()
+                with self._post_lock:
+                    self._post_queued()
+                if not self._inflight:
+                    continue
+                if not self.plane.pollable:
+                    self._reap_blocking()
+                    continue
+                # NCCL: pulling threads reap their own windows from poll / wait (no hand-off);
+                # this thread is the backstop (for pulls nobody polls, and aborts): it looks
+                # every 0.2 .. 1 ms, so as not to compete with them for the GIL
+                with self._cv:
+                    if self.broken is None and self._inflight:
+                        self._cv.wait(delay)
+                delay = 2e-4 if self._reap_done() else min(2 * delay, 1e-3)
+        except TransferError as e:
+            self.cut(e)
+        except _FAILURES as e:
+            if len(self.threads) > 1:  # let the reader report the source's own reason first
+                self.threads[1].join(0.5)
+            self.cut(self.broken or PeerLostError(f"nccl pull from {self.source} failed: {e}"))
+        except Exception as e:  # a bug or a library's surprise: the pulls fail, never hang
+            log.exception("nccl link to %s failed", self.source)
+            self.cut(TransferError(f"nccl pull from {self.source} failed: {e!r}"))
+        finally:
+            if self.ch is not None:
+                self.ch.close()
+            if self.plane is not None:
+                self.plane.close()
+            self.plane = None  # frees the group's gloo device / NCCL communicator
 
     def _connect(self) -> None:
         tx = self.tx
+        if tx.device is not None:
+            torch.cuda.set_device(tx.device)
         self.ch = Channel.connect(self.host, self.ctl_port, tx.connect_timeout_s)
         epoch = next(_epochs)
-        self.ch.send({"op": "hello", "agent": tx.agent, "epoch": epoch, "backend": tx.backend})
-        store = dist.TCPStore(self.host, self.store_port, is_master=False,
-                              timeout=timedelta(seconds=tx.connect_timeout_s))
-        self.pg = make_pair_group(tx.backend, dist.PrefixStore(f"{tx.agent}/{epoch}", store), 1, tx)
+        self.ch.send({"op": "hello", "agent": tx.agent, "epoch": epoch, "backend": tx.backend,
+                      "runtime": tx.runtime})
+        if tx.runtime == "cupy":
+            msg = self.ch.recv(timeout=tx.connect_timeout_s)
+            if msg is None:
+                raise PeerLostError(f"nccl: {self.source} sent no NCCL id within {tx.connect_timeout_s}s")
+            if msg.get("op") != "nccl_id":
+                raise TransferError(f"nccl pair with {self.source} refused: {msg.get('msg')}")
+            self.plane = _CupyPlane(tx.nccl, msg["id"], 1, tx.device)
+        else:
+            store = dist.TCPStore(self.host, self.store_port, is_master=False,
+                                  timeout=timedelta(seconds=tx.connect_timeout_s))
+            pg = make_pair_group(tx.backend, dist.PrefixStore(f"{tx.agent}/{epoch}", store), 1, tx)
+            self.plane = _TorchPlane(pg, 0, tx.backend)
         reader = threading.Thread(target=self._read, name=f"lmdisagg-nccl-read-{self.source}", daemon=True)
         self.threads.append(reader)
         reader.start()
 
-    def _pull(self, x: NcclTransfer) -> None:
-        err = None
-        try:
-            if x.aborting or self.broken is not None:
-                return
-            if self.pg is None:
-                if x.dst.flat.device.type == "cuda":
-                    torch.cuda.set_device(x.dst.flat.device)
-                self._connect()
-            x._start()
-            runs = byte_runs(x.desc.block_ids, x.dst_blocks, x.desc.block_nbytes)
-            wins = list(windows(list(split_runs(runs, self.tx.window_nbytes)), self.tx.window_nbytes))
-            inflight: deque = deque()
-            i = 0
-            while i < len(wins) or inflight:
-                while i < len(wins) and len(inflight) < 2 and self.broken is None and x._begin_io():
-                    inflight.append(self._post(x, wins[i]))
-                    i += 1
-                if x.aborting or self.broken is not None:
-                    i = len(wins)  # post nothing more; drain what is in flight
-                if inflight:
-                    works, nbytes = inflight.popleft()
-                    self._wait(works)
-                    x.bytes_done += nbytes
-        except (ChannelClosed, OSError, RuntimeError) as e:
-            if len(self.threads) > 1:  # let the reader report the source's own reason first
-                self.threads[1].join(0.5)
-            err = self.broken or PeerLostError(f"nccl pull from {self.source} failed: {e}")
-            self.cut(err)
-        finally:
-            if self.broken is not None:
-                x._fail(self.broken)
-            elif err is None and not x.aborting:
-                x._landed()
-            x._quiesce()
-
-    def _post(self, x: NcclTransfer, win):
-        tag = self.tag
-        self.tag = (self.tag + len(win)) % (1 << 30)
-        # ask first, then post the recvs: NCCL builds the pair's communicator inside the first
-        # recv, which blocks until the source (prompted by this message) publishes its unique id
-        self.ch.send({"op": "send", "tag": tag, "buffer": x.desc.buffer.buffer_id,
-                      "pieces": [[s, n] for s, _, n in win]})
-        works = [self.pg.recv([x.dst.flat[d:d + n]], 0, tag + j) for j, (_, d, n) in enumerate(win)]
-        return works, sum(n for *_, n in win)
-
-    def _wait(self, works) -> None:
-        if self.tx.backend == "gloo":
-            # gloo completes p2p works only inside wait() (and a wait timeout breaks the pair):
-            # block; data, a pair error, or op_timeout_s ends it, and cut() fails the transfer
-            # meanwhile if the peer is lost
-            for w in works:
-                w.wait()
+    # --- reaping: finished windows, oldest first ---------------------------------------------------
+    def advance(self) -> None:
+        """From a pulling thread's poll / wait (NCCL planes): reap finished windows and post
+        queued ones into the room they leave."""
+        plane = self.plane
+        if plane is None or not plane.pollable or self.broken is not None:
             return
-        # NCCL: poll the works' CUDA events, closely for 2 ms (a window takes ~0.2 ms on NVLink),
-        # then backing off; the reader's cut() wakes us when the pair breaks
-        spin_until, delay = time.monotonic() + 2e-3, 5e-5
-        while not all(w.is_completed() for w in works):
-            if self.broken is not None:
-                raise self.broken
-            if time.monotonic() < spin_until:
-                time.sleep(0)  # yield the GIL to the process's other threads
-                continue
-            with self._cv:
-                if self.broken is None:
-                    self._cv.wait(delay)
-            delay = min(2 * delay, 1e-3)
-        for w in works:
-            w.wait()
+        try:
+            if self._reap_done() and self._jobs and self._post_lock.acquire(blocking=False):
+                try:
+                    self._post_queued()
+                finally:
+                    self._post_lock.release()
+        except _FAILURES as e:
+            self.cut(PeerLostError(f"nccl pull from {self.source} failed: {e}"))
+        except Exception as e:
+            log.exception("nccl pull from %s failed", self.source)
+            self.cut(TransferError(f"nccl pull from {self.source} failed: {e!r}"))
+
+    def _reap_done(self) -> bool:
+        """Finish the windows whose events completed (one thread at a time); True if any."""
+        if not self._reap_lock.acquire(blocking=False):
+            return False
+        reaped = False
+        try:
+            while True:
+                with self._cv:
+                    if not self._inflight or self.broken is not None:
+                        return reaped
+                    w = self._inflight[0]
+                if not w.work.done():
+                    return reaped
+                w.work.wait()  # torch: the caller's stream orders after the recv
+                self._finish(w)
+                reaped = True
+        finally:
+            self._reap_lock.release()
+
+    def _reap_blocking(self) -> None:
+        """gloo: block on the oldest window; data, a pair error, or op_timeout_s ends it, and
+        cut() fails the transfer meanwhile if the peer is lost."""
+        with self._cv:
+            w = self._inflight[0]
+        w.work.wait()
+        with self._reap_lock:
+            self._finish(w)
+
+    def _finish(self, w: _Window) -> None:
+        with self._cv:
+            if self.broken is not None or not self._inflight or self._inflight[0] is not w:
+                return  # cut meanwhile: cut() failed the pulls
+            self._inflight.popleft()
+        self.ready = True
+        x = w.x
+        x.bytes_done += w.nbytes
+        if w.last and not x.aborting:
+            x._landed()
+        x._window_done()
 
     # --- reader thread -------------------------------------------------------------------------
     def _read(self) -> None:
@@ -270,7 +516,7 @@ class _Link:
                     self._remote_error = msg
         except ChannelClosed as e:
             with self._cv:
-                stopping = self._stopping and not self._jobs and self._current is None
+                stopping = self._stopping and not self._jobs and not self._inflight
             if stopping:
                 return
             err = self._remote_error
@@ -281,13 +527,14 @@ class _Link:
                 self.cut(cls(f"nccl pull from {self.source} refused: {err['msg']}"))
 
 
+# --- source side -------------------------------------------------------------------------------
 class _Peer:
     """Source side of one pair: the serving thread answering one destination's requests."""
 
     def __init__(self, tx: "NcclTransport", sock: socket.socket):
         self.tx = tx
         self.ch = Channel(sock)
-        self.pg = None
+        self.plane = None
         self.sends: deque = deque()
         self.thread = threading.Thread(target=self._run, name="lmdisagg-nccl-serve", daemon=True)
         self.thread.start()
@@ -298,27 +545,40 @@ class _Peer:
             hello = self.ch.recv(timeout=tx.connect_timeout_s)
             if not hello or hello.get("op") != "hello":
                 return
-            if hello["backend"] != tx.backend:
-                self.ch.send({"op": "error", "tag": -1, "msg": f"backend {hello['backend']} != {tx.backend}"})
+            theirs, ours = (hello["backend"], hello.get("runtime")), (tx.backend, tx.runtime)
+            if theirs != ours:
+                self.ch.send({"op": "error", "tag": -1, "msg": f"the destination runs backend/runtime {theirs}, "
+                                                              f"this source {ours}"})
                 return
             if tx.device is not None:
                 torch.cuda.set_device(tx.device)
-            self.pg = make_pair_group(tx.backend, dist.PrefixStore(f"{hello['agent']}/{hello['epoch']}", tx._store),
-                                      0, tx)
+            if tx.runtime == "cupy":
+                uid = tx.nccl.get_unique_id()
+                self.ch.send({"op": "nccl_id", "id": uid if isinstance(uid, bytes) else list(uid)})
+                self.plane = _CupyPlane(tx.nccl, uid, 0, torch.cuda.current_device())
+            else:
+                pg = make_pair_group(tx.backend, dist.PrefixStore(f"{hello['agent']}/{hello['epoch']}", tx._store),
+                                     0, tx)
+                self.plane = _TorchPlane(pg, 1, tx.backend)
             while True:
                 msg = self.ch.recv()
                 if msg.get("op") == "send":
                     self._serve(msg)
-                while len(self.sends) > 2:  # keep two windows posted; reap older ones (gloo
-                    for w in self.sends.popleft():  # completes works only in wait())
-                        w.wait()  # raises if a send failed: the pair is done
-        except (ChannelClosed, OSError, RuntimeError) as e:
+                # reap finished windows; keep at most windows_in_flight posted (gloo completes
+                # works only in wait(); a failed send raises: the pair is done)
+                while self.sends and (len(self.sends) > tx.windows_in_flight
+                                      or (self.plane.pollable and self.sends[0].done())):
+                    self.sends.popleft().wait()
+        except _FAILURES as e:
             log.debug("nccl serving thread for %s ends: %r", self.tx.agent, e)
+        except Exception:  # the destination sees the connection close: its pulls fail
+            log.exception("nccl serving thread for %s failed", self.tx.agent)
         finally:
             self.ch.close()
-            _teardown(self.pg)
+            if self.plane is not None:
+                self.plane.close()
             self.sends.clear()
-            self.pg = None  # gloo closes the pair's sockets when the group is freed
+            self.plane = None  # gloo closes the pair's sockets when the group is freed
 
     def _serve(self, msg) -> None:
         buf = self.tx._buffers.get(msg["buffer"])
@@ -331,30 +591,42 @@ class _Peer:
         if bad is not None:  # reply, then tear the pair down: the peer's posted recvs must fail
             self.ch.send({"op": "error", "kind": kind, "tag": msg["tag"], "msg": bad})
             raise ChannelClosed(bad)
-        self.sends.append([self.pg.send([buf.flat[off:off + n]], 1, msg["tag"] + j)
-                           for j, (off, n) in enumerate(msg["pieces"])])
+        self.sends.append(self.plane.post(buf.flat, msg["pieces"], msg["tag"], send=True))
 
 
 class NcclTransport(Transport):
     name = "nccl"
 
     def __init__(self, *, backend: str = "auto", host: str = "127.0.0.1", checksum: bool = False,
-                 drain_timeout_s: float = 10.0, window_nbytes: int | None = None,
-                 connect_timeout_s: float = 30.0, op_timeout_s: float = 30.0, device: int | None = None):
+                 drain_timeout_s: float = 10.0, window_nbytes: int | None = None, windows_in_flight: int = 4,
+                 connect_timeout_s: float = 30.0, op_timeout_s: float = 30.0, device: int | None = None,
+                 runtime: str = "auto"):
         """``backend``: "nccl" (CUDA buffers), "gloo" (CPU buffers) or "auto" (nccl when CUDA is
-        available). ``host``: the address this worker serves on (loopback on one node).
-        ``op_timeout_s`` bounds one window's send/recv (a gloo receive from a dead peer ends only
-        then, though its transfer FAILS at once); ``device``: CUDA device of the serving threads.
-        ``window_nbytes``: bytes per request window (two in flight; abort stops between windows),
-        default 256 MiB on NCCL (each window costs a control round trip, ~0.1 ms) and 64 MiB on
-        gloo."""
+        available). ``runtime`` (nccl backend): "cupy" (NCCL through cupy's bindings), "torch"
+        (a torch.distributed group) or "auto" (cupy if it loads). ``host``: the address this
+        worker serves on (loopback on one node). ``op_timeout_s`` bounds one window's send/recv
+        on a torch group (a gloo receive from a dead peer ends only then, though its transfer
+        FAILS at once); ``device``: the CUDA device of this worker's buffers (default: that of
+        the first registered buffer). ``window_nbytes``: bytes per request window, the unit of
+        abort, default 256 MiB on NCCL and 64 MiB on gloo; ``windows_in_flight``: windows a
+        pair keeps posted, across pulls."""
         super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend not in ("nccl", "gloo"):
             raise TransferError(f"nccl transport: backend must be 'nccl' or 'gloo', not {backend!r}")
+        if runtime not in ("auto", "cupy", "torch"):
+            raise TransferError(f"nccl transport: runtime must be 'auto', 'cupy' or 'torch', not {runtime!r}")
+        if windows_in_flight < 1:
+            raise TransferError("nccl transport: windows_in_flight must be at least 1")
+        self.nccl = cupy_nccl() if backend == "nccl" and runtime != "torch" else None
+        if runtime == "cupy" and self.nccl is None:
+            raise TransferError("nccl runtime='cupy' needs backend 'nccl' and cupy with NCCL (pip install "
+                                "cupy-cuda12x or cupy-cuda13x, matching torch's CUDA)")
+        self.runtime = "cupy" if self.nccl is not None else "torch"
         self.backend, self.host, self.device = backend, host, device
         self.window_nbytes = window_nbytes or ((256 if backend == "nccl" else 64) << 20)
+        self.windows_in_flight = windows_in_flight
         self.connect_timeout_s = connect_timeout_s
         self.op_timeout_s = op_timeout_s
         self._store_sock = socket.create_server((host, 0))
@@ -387,6 +659,13 @@ class NcclTransport(Transport):
         if buf.flat.device.type != want:
             raise TransferError(f"nccl transport with backend {self.backend} moves {want} buffers, "
                                 f"not {buf.flat.device.type}")
+        if want == "cuda":  # a pair's communicator lives on one device
+            with self._lock:
+                if self.device is None:
+                    self.device = buf.flat.device.index
+            if buf.flat.device.index != self.device:
+                raise TransferError(f"this nccl transport serves cuda:{self.device}; register buffers of "
+                                    f"{buf.flat.device} with another transport instance")
         return self.address, b""
 
     def _prepare(self, buf: Buffer, block_ids, block_nbytes) -> None:
@@ -404,8 +683,12 @@ class NcclTransport(Transport):
                     link.stop()
                     self._dead_links.append(link)
                 link = self._links[b.agent] = _Link(self, b.agent, b.address)
-        x = NcclTransfer(desc, dst, dst_blocks, self.peer_alive)
+        # the source's completed sends prove it lived until the bytes left: the cheap (pidfd)
+        # check at the end suffices, not the strict /proc read one-sided media need
+        x = NcclTransfer(desc, dst, dst_blocks, lambda host, pid, start, strict=False: self.peer_alive(host, pid, start))
         x.link = link
+        if self.backend == "nccl":
+            x.spin_s = 0.05  # a window lands within ms: poll for DONE rather than sleep
         link.submit(x)
         return x
 

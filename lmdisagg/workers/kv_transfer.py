@@ -25,8 +25,8 @@ class KVTransfer:
         opts = {"checksum": bool(settings.get("checksum", False))}
         if self.name == "mooncake":
             opts["protocol"] = settings.get("protocol", "tcp")
-        elif self.name == "cuda_ipc":
-            opts["runtime"] = settings.get("runtime", "auto")
+        elif self.name in ("cuda_ipc", "nccl"):
+            opts["runtime"] = settings.get("runtime", "auto")  # launches through cupy or torch
         elif self.name == "fake":
             opts.update(settings.get("fake") or {})
         self.transport = create_transport(self.name, **opts)

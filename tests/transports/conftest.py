@@ -27,11 +27,12 @@ MEDIA = {
     "cuda_ipc": ("cuda_ipc", {}, "cuda:0", "cuda:0"),           # launches with cupy where installed
     "cuda_ipc-torch": ("cuda_ipc", {"runtime": "torch"}, "cuda:0", "cuda:0"),
     "cuda_ipc-2gpu": ("cuda_ipc", {}, "cuda:0", "cuda:1"),
-    "nccl-cuda": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1"),
+    "nccl-cuda": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1"),   # NCCL through cupy where installed
+    "nccl-cuda-torch": ("nccl", {"backend": "nccl", "runtime": "torch"}, "cuda:0", "cuda:1"),
     "shm-cuda": ("shm", {}, "cuda:0", "cuda:0"),
 }
 CPU_MEDIA = ["shm", "fake", "nccl-gloo", "mooncake-tcp"]
-GPU_MEDIA = ["cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "nccl-cuda", "shm-cuda"]
+GPU_MEDIA = ["cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "nccl-cuda", "nccl-cuda-torch", "shm-cuda"]
 DRAIN_S = 3.0
 
 
@@ -57,12 +58,13 @@ def need_devices(*devices: str) -> None:
 class Peer:
     """A source process (tests/transports/peer.py) driven over a pipe."""
 
-    def __init__(self, medium: str):
+    def __init__(self, medium: str, options: dict | None = None):
+        """``options``: the transport's options instead of the medium's."""
         name, _, device, _ = MEDIA[medium]
+        options = side_options(medium, device) if options is None else options
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer_main.main, args=(child, name, side_options(medium, device), device),
-                                daemon=True)
+        self.proc = ctx.Process(target=peer_main.main, args=(child, name, options, device), daemon=True)
         self.proc.start()
         child.close()
 

@@ -25,7 +25,7 @@ from tests.transports.conftest import DRAIN_S, MEDIA, Peer, prompt_for, side_opt
 MiB = 1 << 20
 BIG, BIG_BLOCK = 256 * MiB, 16 * MiB
 ONE_SIDED = {"shm", "fake", "cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "shm-cuda"}  # pulls need nothing of the peer
-GPU_FAST = {"cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "nccl-cuda", "shm-cuda"}  # 256 MiB may finish before abort
+GPU_FAST = {"cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "nccl-cuda", "nccl-cuda-torch", "shm-cuda"}  # 256 MiB may finish before abort
 
 
 def dst_buffer(local, medium, nbytes):
