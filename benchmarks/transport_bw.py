@@ -63,7 +63,8 @@ CPU_MEDIA = {
 CUDA_MEDIA = {
     "cuda_ipc (same GPU)": ("cuda_ipc", {}, "cuda:0", "cuda:0", "D2D copy"),
     "cuda_ipc (GPU0→GPU1)": ("cuda_ipc", {}, "cuda:0", "cuda:1", "peer copy"),
-    "nccl (GPU0→GPU1)": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1", "peer copy"),
+    "nccl (GPU0→GPU1)": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1", "peer copy"),  # cupy's NCCL if installed
+    "nccl-torch (GPU0→GPU1)": ("nccl", {"backend": "nccl", "runtime": "torch"}, "cuda:0", "cuda:1", "peer copy"),
     "shm (CUDA staging)": ("shm", {}, "cuda:0", "cuda:0", "pinned copy"),
 }
 
@@ -211,7 +212,8 @@ def bench_medium(label, spec, sizes, tcp_source):
     # the destination is a decode engine's cache in its own (default) memory; pages faulted in,
     # as a running worker's cache is
     dst = tx.register(torch.zeros(top, dtype=torch.uint8, device=dst_dev))
-    launcher = getattr(getattr(tx, "launcher", None), "name", None)  # cuda_ipc: "cupy" or "torch"
+    # how it launches: cuda_ipc's launcher, nccl's runtime ("cupy" or "torch")
+    launcher = getattr(getattr(tx, "launcher", None), "name", None) or getattr(tx, "runtime", None)
     try:
         tiny = src.call("describe", [0], 4096, False)
         t0 = time.perf_counter()
