@@ -211,6 +211,11 @@ class Transport(abc.ABC):
             raise TransferError(f"pull: {len(desc.block_ids)} source blocks but {len(ids)} destination blocks")
         if desc.checksums and len(desc.checksums) != len(desc.block_ids):
             raise TransferError("pull: descriptor has a checksum count that does not match its blocks")
+        if not ids:  # nothing to move: DONE now (if the source lives), on every medium
+            t = Transfer(desc, dst, ids, self.peer_alive)
+            t._landed()
+            t._quiesce()
+            return t
         t = self._pull(desc, dst, ids)
         t.drain_timeout_s = self.drain_timeout_s
         self._live.add(t)

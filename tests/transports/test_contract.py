@@ -113,6 +113,18 @@ def test_tiny_payload(medium, peer, local):
         local.deregister(dst)
 
 
+def test_empty_pull_is_done_at_once(medium, peer, local):
+    bid = peer.call("raw", 4096, 12)
+    desc, _ = peer.call("describe", bid, [], 4096, False)
+    dst = dst_buffer(local, medium, 4096)
+    try:
+        x = local.pull(desc, dst, [])
+        x.wait(5)
+        assert x.state is TransferState.DONE and x.nbytes == 0
+    finally:
+        local.deregister(dst)
+
+
 def test_256mib_payload_scattered(medium, big, big_dst, local):
     desc, want = big
     ids = list(reversed(range(len(want))))  # no two blocks coalesce
