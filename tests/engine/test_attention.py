@@ -118,6 +118,14 @@ def test_engine_greedy_tokens_equal_with_either_backend(tiny_model_dir):
     assert tokens["torch"] == tokens["triton"]
 
 
+def eager_triton_engine(model_dir, num_blocks: int, max_model_len: int) -> Engine:
+    """fp32, Triton attention, no graph capture: the static-buffer paths run eagerly on CPU too."""
+    e = Engine(model=str(model_dir), device=DEVICE.type, dtype="float32", chunk_tokens=16,
+               num_blocks=num_blocks, max_model_len=max_model_len, max_num_seqs=4, cuda_graphs=False)
+    e.runner.set_attention("triton")
+    return e
+
+
 def test_static_decode_buffers_equal_plain_decode(tiny_model_dir):
     """The CUDA-graph decode path (static buffers, a batch padded to its bucket: slot -1 and
     context 0 on padded rows), run eagerly here, gives the plain path's tokens."""
@@ -126,9 +134,7 @@ def test_static_decode_buffers_equal_plain_decode(tiny_model_dir):
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     tokens = []
     for static in (False, True):
-        e = Engine(model=str(tiny_model_dir), device=DEVICE.type, dtype="float32", chunk_tokens=16,
-                   num_blocks=24, max_model_len=128, max_num_seqs=4, cuda_graphs=False)
-        e.runner.set_attention("triton")
+        e = eager_triton_engine(tiny_model_dir, num_blocks=24, max_model_len=128)
         if static:
             e.runner.graphs = DecodeGraphs(e.model, e.runner.kv, 4, 128, 16, capture=False)
         tokens.append([r.token_ids for r in e.generate(prompts, params)])
@@ -146,9 +152,7 @@ def test_static_prefill_buffers_equal_plain_prefill(tiny_model_dir):
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     tokens = []
     for static in (False, True):
-        e = Engine(model=str(tiny_model_dir), device=DEVICE.type, dtype="float32", chunk_tokens=16,
-                   num_blocks=40, max_model_len=256, max_num_seqs=4, cuda_graphs=False)
-        e.runner.set_attention("triton")
+        e = eager_triton_engine(tiny_model_dir, num_blocks=40, max_model_len=256)
         if static:
             e.runner.prefill_graphs = PrefillGraphs(e.model, e.runner.kv, 3, 256, 16, max_tokens=64, capture=False)
         out = [r.token_ids for r in e.generate(prompts, params)]              # 3 prompts in one step
