@@ -18,8 +18,9 @@ PF_EXITING = 0x4  # include/linux/sched.h: set as soon as the process starts dyi
 
 def _parse_stat(stat: bytes) -> int | None:
     """starttime from /proc/<pid>/stat, or None for a zombie or dying process."""
-    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-    fields = stat[stat.rindex(b")") + 2:].split()
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')', and
+    # only as far as starttime (this runs once per finished transfer)
+    fields = stat[stat.rindex(b")") + 2:].split(None, 20)
     if fields[0] in (b"Z", b"X") or int(fields[6]) & PF_EXITING:  # fields 3 (state), 9 (flags)
         return None
     return int(fields[19])  # field 22: starttime
@@ -69,12 +70,13 @@ class ProcWatch:
                     return False
                 self._fds[key] = fds
             pidfd, statfd = fds
-            dead = bool(select.select([pidfd], [], [], 0)[0])
-            if not dead and strict:
+            if strict:  # the stat read also sees an exited process: a zombie, or gone (ESRCH)
                 try:
                     dead = _parse_stat(os.pread(statfd, 1024, 0)) != start
                 except OSError:  # reaped
                     dead = True
+            else:
+                dead = bool(select.select([pidfd], [], [], 0)[0])
             if dead:
                 for fd in self._fds.pop(key):
                     os.close(fd)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 import msgpack
 import torch
@@ -37,6 +38,21 @@ from lmdisagg.transports.base import (
 
 def device_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
+
+
+class _Mem(NamedTuple):
+    """CUDA memory a pull reads or writes, with what the launch needs read off once (torch's
+    ``.device`` / ``data_ptr()`` cost ~µs each, per pull): ``[nbytes]`` uint8 tensor, device
+    index, address."""
+
+    tensor: torch.Tensor
+    index: int
+    ptr: int
+    nbytes: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "_Mem":
+        return cls(t, t.device.index, t.data_ptr(), t.numel())
 
 
 class CudaIpcTransfer(Transfer):
@@ -63,7 +79,7 @@ class CudaIpcTransfer(Transfer):
                 pass
         super().wait(timeout)
 
-    def launched(self, src: torch.Tensor, done, sync) -> None:
+    def launched(self, src, done, sync) -> None:
         self._src, self._done, self._sync = src, done, sync
         self._quiet = False
         self._start()
@@ -95,15 +111,16 @@ class _TorchLauncher:
     def __init__(self):
         self._streams: dict[int, torch.cuda.Stream] = {}
 
-    def launch(self, src: torch.Tensor, dst: torch.Tensor, runs) -> tuple:
-        stream = self._streams.get(dst.device.index)
+    def launch(self, src_mem: _Mem, dst_mem: _Mem, runs) -> tuple:
+        src, dst = src_mem.tensor, dst_mem.tensor
+        stream = self._streams.get(dst_mem.index)
         if stream is None:
-            stream = self._streams[dst.device.index] = torch.cuda.Stream(dst.device)
+            stream = self._streams[dst_mem.index] = torch.cuda.Stream(dst.device)
         stream.wait_stream(torch.cuda.current_stream(dst.device))  # after the caller's work on dst
         with torch.cuda.stream(stream):  # (also makes the stream's device current)
             dsts = [dst[d:d + n] for _, d, n in runs]    # [n] uint8 views
             srcs = [src[s:s + n] for s, _, n in runs]
-            if src.device == dst.device and len(runs) > 1:
+            if src_mem.index == dst_mem.index and len(runs) > 1:
                 if all(s % 8 == 0 and d % 8 == 0 and n % 8 == 0 for s, d, n in runs):
                     dsts = [t.view(torch.int64) for t in dsts]  # 8-byte elements: wide loads
                     srcs = [t.view(torch.int64) for t in srcs]
@@ -165,9 +182,9 @@ class _CupyLauncher:
             if prev != index:
                 rt.setDevice(prev)
 
-    def launch(self, src: torch.Tensor, dst: torch.Tensor, runs) -> tuple:
+    def launch(self, src: _Mem, dst: _Mem, runs) -> tuple:
         rt = self.rt
-        index, src_index = dst.device.index, src.device.index
+        index, src_index = dst.index, src.index
         # one launch at a time: the "after" event is recorded and waited on as a pair
         with self._lock:
             if index not in self._streams or (src_index != index and (index, src_index) not in self._peers):
@@ -182,7 +199,7 @@ class _CupyLauncher:
                     self._events.append((index, done_ev))
                 rt.eventRecord(after, torch._C._cuda_getCurrentRawStream(index))  # the caller's stream
                 rt.streamWaitEvent(side, after, 0)
-                sp, dp = src.data_ptr(), dst.data_ptr()
+                sp, dp = src.ptr, dst.ptr
                 for s, d, n in runs:
                     rt.memcpyAsync(dp + d, sp + s, n, rt.memcpyDefault, side)
                 rt.eventRecord(done_ev, side)
@@ -225,7 +242,7 @@ class CudaIpcTransport(Transport):
         if runtime not in ("auto", "cupy", "torch"):
             raise TransferError(f"cuda_ipc runtime must be 'auto', 'cupy' or 'torch', not {runtime!r}")
         super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
-        self._opened: dict[tuple[str, int], torch.Tensor] = {}  # (agent, buffer id) -> [nbytes] uint8
+        self._opened: dict[tuple[str, int], _Mem] = {}  # (agent, buffer id) -> the source's memory
         self.launcher = None
         if runtime != "torch":
             try:
@@ -247,7 +264,7 @@ class CudaIpcTransport(Transport):
         byte_off = t.data_ptr() - storage.data_ptr()
         uuid = device_uuid(t.device.index)
         meta = [uuid, handle, size, offset, ref_h, ref_off, ev_h, ev_sync, byte_off]
-        _LOCAL[(self.agent, buffer_id)] = t
+        buf.state["cuda_ipc"] = _LOCAL[(self.agent, buffer_id)] = _Mem.of(t)
         return uuid, msgpack.packb(meta, use_bin_type=True)
 
     def _deregister(self, buf: Buffer) -> None:
@@ -256,7 +273,7 @@ class CudaIpcTransport(Transport):
     def _prepare(self, buf: Buffer, block_ids, block_nbytes) -> None:
         torch.cuda.current_stream(buf.flat.device).synchronize()
 
-    def _open(self, desc: ChunkDesc) -> torch.Tensor:
+    def _open(self, desc: ChunkDesc) -> _Mem:
         b = desc.buffer
         key = (b.agent, b.buffer_id)
         src = self._opened.get(key)
@@ -277,7 +294,7 @@ class CudaIpcTransport(Transport):
                                        f"of a {size}-byte allocation (truncated)")
         with torch.cuda.device(index):
             storage = torch.UntypedStorage._new_shared_cuda(index, handle, size, offset, ref_h, ref_off, ev_h, ev_sync)
-            src = torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}").set_(storage, byte_off, (b.nbytes,))
+            src = _Mem.of(torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}").set_(storage, byte_off, (b.nbytes,)))
         self._opened[key] = src
         return src
 
@@ -288,8 +305,11 @@ class CudaIpcTransport(Transport):
 
     def _pull(self, desc: ChunkDesc, dst: Buffer, dst_blocks: tuple[int, ...]) -> Transfer:
         b = desc.buffer
-        if dst.flat.device.type != "cuda":
-            raise TransferError("cuda_ipc pulls into CUDA buffers only")
+        dst_mem = dst.state.get("cuda_ipc")  # read off by register
+        if dst_mem is None:  # registered by another medium
+            if dst.flat.device.type != "cuda":
+                raise TransferError("cuda_ipc pulls into CUDA buffers only")
+            dst_mem = _Mem.of(dst.flat)
         if not self.peer_alive(b.host, b.pid, b.pid_start):
             self._forget(b.agent)
             return failed_transfer(desc, dst, dst_blocks, PeerLostError(f"source process {b.pid} ({b.agent}) is gone"))
@@ -299,11 +319,11 @@ class CudaIpcTransport(Transport):
         except TransferError as e:
             return failed_transfer(desc, dst, dst_blocks, e)
         runs = byte_runs(desc.block_ids, dst_blocks, desc.block_nbytes)
-        if max(s + n for s, _, n in runs) > src.numel():
+        if (max(s + n for s, _, n in runs) if len(runs) > 1 else runs[0][0] + runs[0][2]) > src.nbytes:
             return failed_transfer(desc, dst, dst_blocks, TransferCorruptError(
-                f"descriptor of {b.agent} reaches past its {src.numel()}-byte buffer (truncated)"))
+                f"descriptor of {b.agent} reaches past its {src.nbytes}-byte buffer (truncated)"))
         t = CudaIpcTransfer(desc, dst, dst_blocks, self.peer_alive)
-        t.launched(src, *self.launcher.launch(src, dst.flat, runs))
+        t.launched(src, *self.launcher.launch(src, dst_mem, runs))
         return t
 
     def _close(self) -> None:
@@ -315,4 +335,4 @@ class CudaIpcTransport(Transport):
         torch.cuda.ipc_collect()  # shared blocks whose consumers are done are freed now
 
 
-_LOCAL: dict[tuple[str, int], torch.Tensor] = {}  # this process's registered buffers, by (agent, id)
+_LOCAL: dict[tuple[str, int], _Mem] = {}  # this process's registered buffers, by (agent, id)
