@@ -12,10 +12,12 @@ pulls into a registered destination buffer in ordinary memory (a decode engine's
 warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls;
 the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
 ``first_contact_ms``: the very first pull (handshakes, IPC opens, pair groups).
-``*_pipelined``: DEPTH pulls of the size in flight at once (into distinct blocks), then all waited
-for: the rate a worker sees when several requests' KV moves at once (as ib_write_bw and
-nccl-tests keep operations in flight); its limit is DEPTH raw copies queued back to back, then
-one sync. Sizes whose DEPTH copies do not fit the largest payload get no pipelined figures.
+``*_sustained``: a stream of PULLS pulls of the size with DEPTH in flight (a new pull starts as
+the oldest finishes, into the blocks that one filled): the rate a loaded decode worker sees when
+several requests' KV moves at once, measured as ib_write_bw and nccl-tests do (many operations
+back to back, in flight, one clock around them all); its limit is PULLS raw copies into the same
+regions queued back to back, then one sync. Sizes whose DEPTH copies do not fit the largest
+payload get no sustained figures.
 
 Limits, timed the same way in this process: host memcpy (shm, fake), loopback TCP between two
 processes (nccl-gloo, mooncake-tcp), device-to-device copy (same-GPU IPC), torch peer copy
@@ -33,6 +35,7 @@ import socket
 import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,7 +54,8 @@ from lmdisagg.transports import create_transport  # noqa: E402
 MiB = 1 << 20
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 2 * MiB  # one KV chunk of a mid-size model in bf16
-DEPTH = 4        # pulls in flight for the pipelined figures
+DEPTH = 4        # pulls in flight for the sustained figures
+PULLS = 16       # pulls in one sustained run
 
 # label: (transport, options, source device, destination device, limit)
 CPU_MEDIA = {
@@ -144,10 +148,11 @@ def cuda_sync():
             torch.cuda.synchronize(i)
 
 
-def limit_op(kind: str, nbytes: int, tcp_source: Source | None, depth: int = 1):
-    """(fn, sync, cleanup): ``depth`` raw copies of ``nbytes`` over the medium's underlying
-    link, into distinct regions, queued back to back."""
-    parts = [slice(i * nbytes, (i + 1) * nbytes) for i in range(depth)]
+def limit_op(kind: str, nbytes: int, tcp_source: Source | None, depth: int = 1, count: int | None = None):
+    """(fn, sync, cleanup): ``count`` (default ``depth``) raw copies of ``nbytes`` over the
+    medium's underlying link, into ``depth`` distinct regions in turn, queued back to back."""
+    count = depth if count is None else count
+    parts = [slice((i % depth) * nbytes, (i % depth + 1) * nbytes) for i in range(count)]
     if kind == "host memcpy":
         a, b = torch.ones(depth * nbytes, dtype=torch.uint8), torch.zeros(depth * nbytes, dtype=torch.uint8)
         return (lambda: [b[p].copy_(a[p]) for p in parts]), (lambda: None), (lambda: None)
@@ -181,8 +186,8 @@ def limit_op(kind: str, nbytes: int, tcp_source: Source | None, depth: int = 1):
     return (lambda: [b[p].copy_(a[p], non_blocking=True) for p in parts]), cuda_sync, (lambda: None)
 
 
-def pipelined(tx, src, dst, size, block, limit, tcp_source) -> dict:
-    """DEPTH pulls of ``size`` in flight vs DEPTH raw copies queued (see the module doc)."""
+def sustained(tx, src, dst, size, block, limit, tcp_source) -> dict:
+    """PULLS pulls with DEPTH in flight vs PULLS raw copies queued (see the module doc)."""
     if DEPTH * size > dst.desc.nbytes:
         return {}
     nb = size // block
@@ -190,18 +195,23 @@ def pipelined(tx, src, dst, size, block, limit, tcp_source) -> dict:
     descs = [src.call("describe", b, block, False) for b in ids]
 
     def pulls():
-        xs = [tx.pull(d, dst, b) for d, b in zip(descs, ids)]
-        for x in xs:
-            x.wait(600)
-    lim_fn, sync, cleanup = limit_op(limit, size, tcp_source, DEPTH)
+        flying = deque()
+        for i in range(PULLS):
+            if len(flying) == DEPTH:
+                flying.popleft().wait(600)  # its blocks are the next pull's destination
+            flying.append(tx.pull(descs[i % DEPTH], dst, ids[i % DEPTH]))
+        while flying:
+            flying.popleft().wait(600)
+    lim_fn, sync, cleanup = limit_op(limit, size, tcp_source, DEPTH, PULLS)
     try:
-        secs, lim = timed_pair(pulls, lim_fn, DEPTH * size, sync)
+        secs, lim = timed_pair(pulls, lim_fn, PULLS * size, sync)
     finally:
         cleanup()
-    total = DEPTH * size
-    return {"depth": DEPTH, "gbps_pipelined": round(total / statistics.median(secs) / 1e9, 3),
-            "limit_gbps_pipelined": round(total / statistics.median(lim) / 1e9, 3),
-            "ratio_pipelined": round(statistics.median(b / a for a, b in zip(secs, lim)), 3)}
+    total = PULLS * size
+    return {"depth": DEPTH, "pulls": PULLS,
+            "gbps_sustained": round(total / statistics.median(secs) / 1e9, 3),
+            "limit_gbps_sustained": round(total / statistics.median(lim) / 1e9, 3),
+            "ratio_sustained": round(statistics.median(b / a for a, b in zip(secs, lim)), 3)}
 
 
 def bench_medium(label, spec, sizes, tcp_source):
@@ -251,9 +261,9 @@ def bench_medium(label, spec, sizes, tcp_source):
                          "first_contact_ms": round(first_ms, 2), "reps": len(secs),
                          "gbps_best": round(best, 3), "limit_gbps_best": round(limit_best, 3),
                          "ratio_best": round(best / limit_best, 3), "launcher": launcher,
-                         **pipelined(tx, src, dst, size, block, limit, tcp_source)})
+                         **sustained(tx, src, dst, size, block, limit, tcp_source)})
             r = rows[-1]
-            piped = f"  pipelined x{DEPTH} {r['ratio_pipelined']:5.2f}" if "ratio_pipelined" in r else ""
+            piped = f"  sustained x{DEPTH} {r['ratio_sustained']:5.2f}" if "ratio_sustained" in r else ""
             print(f"{label:22s} {size / MiB:7.0f} MiB {r['gbps']:8.2f} GB/s  limit {r['limit_gbps']:8.2f} "
                   f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f}){piped}  fixed {fixed_us:7.1f} µs",
                   flush=True)
@@ -332,7 +342,8 @@ def main() -> None:
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks; describe not timed; "
            "gbps/limit_gbps: medians; ratio: median of paired runs (transport, then limit); "
-           "*_best: fastest run of each; *_pipelined: depth pulls in flight vs depth raw copies queued",
+           "*_best: fastest run of each; *_sustained: a stream of `pulls` pulls with `depth` in flight vs as "
+           "many raw copies queued",
            "skipped": skipped, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"transport_{tag(args.device)}.json"
@@ -340,9 +351,9 @@ def main() -> None:
     plot(rows, path.with_suffix(".png"), f"KV transports vs link limit — {hw}")
     print(f"\n{'transport':22s} {'MiB':>7s} {'GB/s':>8s} {'limit':>8s} {'ratio':>6s} {'best':>6s} "
           f"{'x' + str(DEPTH):>6s} {'fixed µs':>9s} {'1st ms':>8s}  (medians; best = fastest run of each; "
-          f"x{DEPTH} = ratio with {DEPTH} pulls in flight)")
+          f"x{DEPTH} = ratio of {PULLS} pulls streamed with {DEPTH} in flight)")
     for r in rows:
-        piped = f"{r['ratio_pipelined']:6.2f}" if "ratio_pipelined" in r else f"{'-':>6s}"
+        piped = f"{r['ratio_sustained']:6.2f}" if "ratio_sustained" in r else f"{'-':>6s}"
         print(f"{r['transport']:22s} {r['bytes'] / MiB:7.0f} {r['gbps']:8.2f} {r['limit_gbps']:8.2f} "
               f"{r['ratio']:6.2f} {r['ratio_best']:6.2f} {piped} {r['fixed_us']:9.1f} {r['first_contact_ms']:8.1f}")
     for k, why in skipped.items():
