@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdisagg.kernels._paged import attend_tile
+from lmdisagg.kernels._paged import attend_tile, reduce_splits
 
 PART = 256      # keys per split
 BLOCK_N = 64    # keys per inner tile
@@ -93,27 +93,6 @@ def _partial_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, mid_o_ptr, mid_lse_p
         tl.store(mid_lse_ptr + b * stride_lb + (h * G + g) * stride_lh + s, m_i + tl.log2(l_i), mask=gmask)
 
 
-@triton.jit
-def _reduce_kernel(mid_o_ptr, mid_lse_ptr, lens_ptr, out_ptr,
-                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PART: tl.constexpr):
-    b = tl.program_id(0)
-    hq = tl.program_id(1)
-    ctx = tl.load(lens_ptr + b)
-    nsplit = (ctx + PART - 1) // PART
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    smask = s < nsplit
-    lse = tl.load(mid_lse_ptr + b * stride_lb + hq * stride_lh + s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(nsplit > 0, m, 0.0)
-    w = tl.exp2(lse - m)                                                    # [BLOCK_S], 0 if masked
-    o = tl.load(mid_o_ptr + b * stride_ob + hq * stride_oh + s[:, None] * stride_os + d[None, :],
-                mask=smask[:, None] & (d[None, :] < D), other=0.0)          # [BLOCK_S, BLOCK_D]
-    out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(out_ptr + b * stride_outb + hq * stride_outh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-
-
 def max_splits(max_model_len: int) -> int:
     """Splits that cover any context up to ``max_model_len`` (the grid a CUDA graph captures)."""
     return triton.cdiv(max_model_len, PART)
@@ -152,9 +131,9 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
         mid_lse.stride(0), mid_lse.stride(1),
         T=t, G=g, D=d, BLOCK_G=16, BLOCK_D=block_d, BLOCK_N=BLOCK_N, PART=PART,
         UPCAST=interpret, PRECISION=precision, num_warps=4, num_stages=2)
-    _reduce_kernel[(b, hq)](
-        mid_o, mid_lse, ctx_lens, out,
+    reduce_splits[(b, hq)](
+        mid_o, mid_lse, ctx_lens, out, PART,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        D=d, BLOCK_D=block_d, BLOCK_S=block_s, PART=PART, num_warps=4)
+        D=d, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4)
     return out

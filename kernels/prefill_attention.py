@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmdisagg.kernels._paged import attend_tile
+from lmdisagg.kernels._paged import attend_tile, reduce_splits
 
 ROWS = 64        # (token, head) rows per program
 BLOCK_N = 64     # keys per inner tile
@@ -132,28 +132,6 @@ def _partial_kernel(q_ptr, cache_ptr, tables_ptr, tiles_ptr, mid_o_ptr, mid_lse_
         tl.store(mid_lse_ptr + (r0 + m).to(tl.int64) * stride_ln + (h * G + g) * stride_lh + s, lse, mask=rmask)
 
 
-@triton.jit
-def _reduce_kernel(mid_o_ptr, mid_lse_ptr, lens_ptr, out_ptr, split,
-                   stride_on, stride_oh, stride_os, stride_ln, stride_lh, stride_outn, stride_outh,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    t = tl.program_id(0)
-    hq = tl.program_id(1)
-    ctx = tl.load(lens_ptr + t)
-    nsplit = (ctx + split - 1) // split
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    smask = s < nsplit
-    base = t.to(tl.int64)
-    lse = tl.load(mid_lse_ptr + base * stride_ln + hq * stride_lh + s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)                                                   # [BLOCK_S], 0 if masked
-    o = tl.load(mid_o_ptr + base * stride_on + hq * stride_oh + s[:, None] * stride_os + d[None, :],
-                mask=smask[:, None] & (d[None, :] < D), other=0.0)         # [BLOCK_S, BLOCK_D]
-    out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(out_ptr + base * stride_outn + hq * stride_outh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
-
-
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                             block_tables: torch.Tensor, tiles: torch.Tensor, token_lens: torch.Tensor,
                             max_model_len: int, scale: float | None = None,
@@ -187,7 +165,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
         mid_lse.stride(0), mid_lse.stride(1), split,
         T=t, G=g, D=d, BLOCK_G=block_g, BLOCK_M=tile_tokens(hq, hkv), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
         UPCAST=interpret, PRECISION=precision, num_warps=4, num_stages=2)
-    _reduce_kernel[(n, hq)](
+    reduce_splits[(n, hq)](
         mid_o, mid_lse, token_lens, out, split,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
