@@ -46,17 +46,23 @@ def check_blocks(ids: Sequence[int], block_nbytes: int, nbytes: int, what: str) 
     if block_nbytes <= 0:
         raise TransferError(f"{what}: block_nbytes must be positive")
     ids = ids if type(ids) is tuple else tuple(ids)
-    if not set(map(type, ids)) <= {int}:  # numpy integers and the like: plain ints
-        try:
-            ids = tuple(map(operator.index, ids))
-        except TypeError:
-            raise TransferError(f"{what}: block ids must be integers") from None
-    if ids:
+    if not ids:
+        return ids
+    lo, n = ids[0], len(ids)
+    whole = tuple(range(lo, lo + n)) if n > 8 and type(lo) is int else None
+    if whole is not None and ids == whole:  # one unbroken range (a prompt's blocks in a fresh
+        ids, hi = whole, whole[-1]          # pool): each id equals an int of it; keep those ints
+    else:
+        if not set(map(type, ids)) <= {int}:  # numpy integers and the like: plain ints
+            try:
+                ids = tuple(map(operator.index, ids))
+            except TypeError:
+                raise TransferError(f"{what}: block ids must be integers") from None
         lo, hi = min(ids), max(ids)
-        if lo < 0 or (hi + 1) * block_nbytes > nbytes:
-            bad = lo if lo < 0 else hi
-            raise TransferError(f"{what}: block {bad} of {block_nbytes} bytes lies outside the "
-                                f"{nbytes}-byte buffer")
+    if lo < 0 or (hi + 1) * block_nbytes > nbytes:
+        bad = lo if lo < 0 else hi
+        raise TransferError(f"{what}: block {bad} of {block_nbytes} bytes lies outside the "
+                            f"{nbytes}-byte buffer")
     return ids
 
 

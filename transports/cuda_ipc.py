@@ -32,7 +32,7 @@ import torch
 from lmdisagg.transports._blocks import byte_runs
 from lmdisagg.transports.base import (
     Buffer, ChunkDesc, PeerLostError, Transfer, TransferCorruptError, TransferError, Transport,
-    failed_transfer,
+    TransferState, failed_transfer,
 )
 
 
@@ -80,9 +80,11 @@ class CudaIpcTransfer(Transfer):
         super().wait(timeout)
 
     def launched(self, src, done, sync) -> None:
+        """Copies are queued. Called before the transfer is handed to anyone, so no other thread
+        can be looking at it: the state moves without the lock."""
         self._src, self._done, self._sync = src, done, sync
         self._quiet = False
-        self._start()
+        self._state = TransferState.TRANSFERRING
 
     def _progress(self) -> None:
         with self._cond:

@@ -42,3 +42,15 @@ def test_check_blocks():
             check_blocks(bad, 8, 64, "x")
     with pytest.raises(TransferError, match="positive"):
         check_blocks([0], 0, 64, "x")
+
+
+def test_check_blocks_of_long_lists():
+    """Long unbroken ranges take a shortcut; it must accept and refuse what the general path does."""
+    assert check_blocks(list(range(4, 20)), 8, 160, "x") == tuple(range(4, 20))
+    mixed = [4] + [np.int64(i) for i in range(5, 20)]                  # equal to the range, numpy ids
+    assert all(type(i) is int for i in check_blocks(mixed, 8, 160, "x"))
+    assert check_blocks([0, 2] + list(range(3, 12)), 8, 160, "x") == (0, 2, *range(3, 12))   # broken
+    for bad, match in ((list(range(5, 21)), "block 20 .*outside"), (list(range(-1, 15)), "block -1 .*outside"),
+                       (list(range(9)) + [2.5], "integers"), (list(range(9)) + [99], "block 99 .*outside")):
+        with pytest.raises(TransferError, match=match):
+            check_blocks(bad, 8, 160, "x")
