@@ -48,10 +48,12 @@ def check_blocks(ids: Sequence[int], block_nbytes: int, nbytes: int, what: str) 
     ids = ids if type(ids) is tuple else tuple(ids)
     if not ids:
         return ids
+    # one unbroken range (a prompt's blocks in a fresh pool) takes one comparison: each id then
+    # equals an int of the range, and those ints are kept
     lo, n = ids[0], len(ids)
     whole = tuple(range(lo, lo + n)) if n > 8 and type(lo) is int else None
-    if whole is not None and ids == whole:  # one unbroken range (a prompt's blocks in a fresh
-        ids, hi = whole, whole[-1]          # pool): each id equals an int of it; keep those ints
+    if whole is not None and ids == whole:
+        ids, hi = whole, whole[-1]
     else:
         if not set(map(type, ids)) <= {int}:  # numpy integers and the like: plain ints
             try:

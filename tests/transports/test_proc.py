@@ -1,5 +1,5 @@
-"""Liveness of same-node peers (transports/_proc.py): a live process, a killed one that is not
-reaped yet (zombie), a reaped one, and a pid reused by another process."""
+"""Liveness of same-node peers (transports/_proc.py): a live process, one named with the wrong
+start time (as a reused pid would be), a killed one not reaped yet (zombie), a reaped one."""
 from __future__ import annotations
 
 import os
