@@ -42,21 +42,28 @@ class Completion:
     completion_tokens: int
 
 
-def ensure_ray(cfg: ClusterConfig) -> None:
+def ensure_ray(cfg: ClusterConfig) -> bool:
     """Join the cluster named by config/RAY_ADDRESS (set inside ``ray job submit``), or start a
-    local one bound to 127.0.0.1."""
+    local one bound to 127.0.0.1. True if this call started a local cluster."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # every Ray process of a local cluster on 127.0.0.1: Ray reads this when it is imported
+        # (its agents would otherwise listen on the machine's external address too)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        return False
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process on 127.0.0.1
+        return False
+    from ray._private import ray_constants
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and ray_constants.ENABLE_RAY_CLUSTER:
+        ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before this call (by the caller)
     roles = [cfg.workers] if cfg.mode == "colocated" else [cfg.prefill, cfg.decode]
     need = sum(r.replicas * r.num_cpus for r in roles)
     ray.init(namespace=cfg.ray.namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
              num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), log_to_driver=True)
+    return True
 
 
 def _engine_config(cfg: ClusterConfig, role: RoleSettings) -> EngineConfig:
@@ -101,6 +108,7 @@ class Pipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner = None
+        self._owns_ray = False  # deploy_workers started a local Ray cluster: shutdown stops it
 
     # --- deploy -------------------------------------------------------------------------------
     def deploy_workers(self):
@@ -109,7 +117,7 @@ class Pipeline:
         from lmdisagg.router.router import WorkerRef
         from lmdisagg.workers.worker import DecodeWorker, PrefillWorker, Worker
         cfg = self.config
-        ensure_ray(cfg)
+        self._owns_ray = ensure_ray(cfg) or self._owns_ray
         tag = uuid.uuid4().hex[:6]
         plan = ([("both", Worker, cfg.workers)] if cfg.mode == "colocated"
                 else [("prefill", PrefillWorker, cfg.prefill), ("decode", DecodeWorker, cfg.decode)])
@@ -259,6 +267,9 @@ class Pipeline:
                 pass
             ray.kill(a, no_restart=True)
         self.actors.clear()
+        if self._owns_ray:  # (left to interpreter exit, Ray's two agent processes outlive it)
+            self._owns_ray = False
+            ray.shutdown()
 
     def __enter__(self) -> "Pipeline":
         return self.start()

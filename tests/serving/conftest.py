@@ -37,8 +37,10 @@ class Served:
 
 def start_serve(config: str, extra: list[str] = (), timeout: float = 240) -> Served:
     cmd = [sys.executable, "-m", "lmdisagg.cli", "serve", "--config", str(ROOT / config), "--port", "0", *extra]
+    # the environment of a user's shell: `lmdisagg serve` itself must keep Ray on 127.0.0.1
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True, env={**env, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
     found: list[str] = []
     ready = threading.Event()
@@ -60,6 +62,13 @@ def start_serve(config: str, extra: list[str] = (), timeout: float = 240) -> Ser
 
 
 def stop_serve(s: Served, timeout: float = 90) -> int:
+    """Ctrl-C, as a user stops it; returns its exit code. Raises if a process it started (Ray's
+    GCS, raylet, agents, workers) is still running 30 s after it exited."""
+    import psutil
+    try:
+        started = psutil.Process(s.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
     if s.proc.poll() is None:
         s.proc.send_signal(signal.SIGINT)
         try:
@@ -67,6 +76,16 @@ def stop_serve(s: Served, timeout: float = 90) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(s.proc.pid, signal.SIGKILL)
             s.proc.wait(10)
+    _, alive = psutil.wait_procs(started, timeout=30)
+    left = []
+    for p in alive:
+        try:
+            left.append(f"{p.pid} {p.name()}")
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if left:
+        raise AssertionError(f"lmdisagg serve stopped but left processes running: {left}")
     return s.proc.returncode
 
 
