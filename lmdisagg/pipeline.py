@@ -56,9 +56,11 @@ def ensure_ray(cfg: ClusterConfig) -> bool:
     if address:
         ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         return False
+    # ray was imported before the variable was set (by the caller, or deploy_workers): correct the
+    # constant Ray read then (a private module; without it, the cluster would not stay on loopback)
     from ray._private import ray_constants
-    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and ray_constants.ENABLE_RAY_CLUSTER:
-        ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before this call (by the caller)
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and getattr(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        ray_constants.ENABLE_RAY_CLUSTER = False
     roles = [cfg.workers] if cfg.mode == "colocated" else [cfg.prefill, cfg.decode]
     need = sum(r.replicas * r.num_cpus for r in roles)
     ray.init(namespace=cfg.ray.namespace, include_dashboard=False, _node_ip_address="127.0.0.1",

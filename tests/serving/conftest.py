@@ -56,8 +56,12 @@ def start_serve(config: str, extra: list[str] = (), timeout: float = 240) -> Ser
 
     threading.Thread(target=pump, daemon=True).start()
     if not ready.wait(timeout) or not found:
-        stop_serve(Served("", proc, lines))
-        raise RuntimeError("lmdisagg serve did not come up:\n" + "".join(lines[-60:]))
+        leftover = ""
+        try:
+            stop_serve(Served("", proc, lines))
+        except AssertionError as e:  # keep the log: it says why it did not come up
+            leftover = f"\n{e}"
+        raise RuntimeError("lmdisagg serve did not come up:\n" + "".join(lines[-60:]) + leftover)
     return Served(found[0], proc, lines)
 
 
