@@ -18,6 +18,10 @@ several requests' KV moves at once, measured as ib_write_bw and nccl-tests do (m
 back to back, in flight, one clock around them all); its limit is PULLS raw copies into the same
 regions queued back to back, then one sync. Sizes whose DEPTH copies do not fit the largest
 payload get no sustained figures.
+``raw_nccl_*`` (nccl rows launched through cupy): NCCL's own rate on the link, the transport's
+ceiling: send/recv between the two processes over a communicator of their own, no transport and
+no control messages, timed on the sender's GPU around its sends (one message, and
+PULLS messages over DEPTH regions against the sustained limit).
 
 Limits, timed the same way in this process: host memcpy (shm, fake), loopback TCP between two
 processes (nccl-gloo, mooncake-tcp), device-to-device copy (same-GPU IPC), torch peer copy
@@ -34,6 +38,7 @@ import re
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -88,11 +93,27 @@ def source_main(conn, name: str, options: dict, device: str, nbytes: int) -> Non
         n = min(256 * MiB, nbytes - off)
         t[off:off + n].copy_(pattern(n, off).to(t.device))
     buf = tx.register(t)
+    raw = None  # a raw NCCL communicator with the parent, once asked for
     while True:
         op, *args = conn.recv()
         if op == "describe":
             ids, block, checksum = args
             conn.send(tx.describe(buf, ids, block, checksum=checksum))
+        elif op == "nccl_join":  # a raw 2-rank NCCL communicator with the parent (see RawNccl)
+            try:
+                from cupy.cuda import nccl
+                from cupy.cuda import runtime as rt
+                rt.setDevice(t.device.index)
+                raw = nccl.NcclCommunicator(2, args[0], 0)  # returns once the parent joined
+                conn.send(None)
+            except Exception as e:
+                conn.send(RuntimeError(f"source: {e!r}"))
+        elif op == "nccl_send":  # the parent posts its receives as it asks: send, report GPU seconds
+            n, count, depth = args
+            try:
+                conn.send(nccl_ops(raw, t, n, count, depth, send=True)())
+            except Exception as e:
+                conn.send(RuntimeError(f"source: {e!r}"))
         elif op == "tcp":  # the loopback TCP limit: send n bytes to a port of the parent
             port, n = args
             with socket.create_connection(("127.0.0.1", port)) as s:
@@ -100,9 +121,40 @@ def source_main(conn, name: str, options: dict, device: str, nbytes: int) -> Non
                 s.sendall(memoryview(t.numpy())[:n])
             conn.send(None)
         else:
+            if raw is not None:
+                raw.abort()  # not destroy(): NCCL's destroy waits for the peer to destroy too
             tx.close()
             conn.send(None)
             return
+
+
+def nccl_ops(comm, buf: torch.Tensor, n: int, count: int, depth: int, send: bool):
+    """Queue ``count`` NCCL sends (or receives) of ``n`` bytes of ``buf`` (regions of ``depth`` in
+    turn) on a fresh stream; return a function that waits for them and gives the seconds between
+    events recorded around them."""
+    from cupy.cuda import nccl
+    from cupy.cuda import runtime as rt
+    prev = rt.getDevice()
+    rt.setDevice(buf.device.index)
+    try:
+        stream = rt.streamCreateWithFlags(rt.streamNonBlocking)
+        a, b = rt.eventCreate(), rt.eventCreate()
+        op, peer = (comm.send, 1) if send else (comm.recv, 0)
+        rt.eventRecord(a, stream)
+        for i in range(count):
+            op(buf.data_ptr() + (i % depth) * n, n, nccl.NCCL_UINT8, peer, stream)
+        rt.eventRecord(b, stream)
+    finally:
+        rt.setDevice(prev)
+
+    def finish() -> float:
+        rt.eventSynchronize(b)
+        secs = rt.eventElapsedTime(a, b) / 1e3
+        for ev in (a, b):
+            rt.eventDestroy(ev)
+        rt.streamDestroy(stream)
+        return secs
+    return finish
 
 
 class Source:
@@ -114,9 +166,15 @@ class Source:
 
     def call(self, *msg, timeout=600):
         self.conn.send(msg)
+        return self.reply(msg[0], timeout)
+
+    def reply(self, what: str, timeout=600):
         if not self.conn.poll(timeout):
-            raise TimeoutError(f"source did not answer {msg[0]}")
-        return self.conn.recv()
+            raise TimeoutError(f"source did not answer {what}")
+        out = self.conn.recv()
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def close(self):
         self.call("exit")
@@ -186,6 +244,57 @@ def limit_op(kind: str, nbytes: int, tcp_source: Source | None, depth: int = 1, 
     return (lambda: [b[p].copy_(a[p], non_blocking=True) for p in parts]), cuda_sync, (lambda: None)
 
 
+class RawNccl:
+    """NCCL's own rate on the link, the ceiling of the nccl transport: send/recv between this
+    process and the source process over a 2-rank cupy communicator of their own (no transport, no
+    control messages). This process asks the source for sends and posts its receives; the
+    source's GPU time around its sends is the transfer. The receives are normally posted before
+    the source, woken by the request, queues its sends; where not, the time includes the wait, so
+    this rate can read low, never high."""
+
+    def __init__(self, src: "Source", device: int):
+        from cupy.cuda import nccl
+        from cupy.cuda import runtime as rt
+        uid = nccl.get_unique_id()
+        src.conn.send(("nccl_join", uid))
+        made = []
+
+        def join():  # blocks until the source joins: in a thread, so that a source error shows
+            rt.setDevice(device)
+            made.append(nccl.NcclCommunicator(2, uid, 1))
+        th = threading.Thread(target=join, daemon=True)
+        th.start()
+        src.reply("nccl_join", 120)
+        th.join(120)
+        if not made:
+            raise TimeoutError("the raw NCCL communicator did not form")
+        self.comm = made[0]
+        self.src = src
+
+    def gbps(self, dst, n: int, count: int, depth: int) -> float:
+        # ask first, then post the receives, as the transport does: posting the receives first
+        # hung on 2xH200 (the source's first ncclSend on the new communicator never returned)
+        self.src.conn.send(("nccl_send", n, count, depth))
+        finish = nccl_ops(self.comm, dst.flat, n, count, depth, send=False)
+        secs = self.src.reply("nccl_send", 120)
+        finish()
+        return n * count / secs / 1e9
+
+    def row(self, dst, size: int, r: dict) -> dict:
+        """raw_nccl_gbps: one message (median of a few); *_sustained: PULLS messages over DEPTH
+        regions, against the same limit as the transport's sustained figure."""
+        self.gbps(dst, size, 1, 1)  # warm-up
+        out = {"raw_nccl_gbps": round(statistics.median(self.gbps(dst, size, 1, 1) for _ in range(5)), 3)}
+        if "limit_gbps_sustained" in r:
+            raw = statistics.median(self.gbps(dst, size, PULLS, DEPTH) for _ in range(3))
+            out["raw_nccl_gbps_sustained"] = round(raw, 3)
+            out["raw_nccl_ratio_sustained"] = round(raw / r["limit_gbps_sustained"], 3)
+        return out
+
+    def close(self) -> None:
+        self.comm.abort()  # local; ncclCommDestroy would wait for the source's own destroy
+
+
 def sustained(tx, src, dst, size, block, limit, tcp_source) -> dict:
     """PULLS pulls with DEPTH in flight vs PULLS raw copies queued (see the module doc)."""
     if DEPTH * size > dst.desc.nbytes:
@@ -224,7 +333,10 @@ def bench_medium(label, spec, sizes, tcp_source):
     dst = tx.register(torch.zeros(top, dtype=torch.uint8, device=dst_dev))
     # how it launches: cuda_ipc's launcher, nccl's runtime ("cupy" or "torch")
     launcher = getattr(getattr(tx, "launcher", None), "name", None) or getattr(tx, "runtime", None)
+    raw = None
     try:
+        if name == "nccl" and launcher == "cupy":
+            raw = RawNccl(src, dst.flat.device.index)
         tiny = src.call("describe", [0], 4096, False)
         t0 = time.perf_counter()
         tx.pull(tiny, dst, [0]).wait(600)
@@ -263,12 +375,18 @@ def bench_medium(label, spec, sizes, tcp_source):
                          "ratio_best": round(best / limit_best, 3), "launcher": launcher,
                          **sustained(tx, src, dst, size, block, limit, tcp_source)})
             r = rows[-1]
+            if raw is not None:
+                r.update(raw.row(dst, size, r))
             piped = f"  sustained x{DEPTH} {r['ratio_sustained']:5.2f}" if "ratio_sustained" in r else ""
+            if "raw_nccl_ratio_sustained" in r:
+                piped += f" (NCCL alone {r['raw_nccl_ratio_sustained']:4.2f})"
             print(f"{label:22s} {size / MiB:7.0f} MiB {r['gbps']:8.2f} GB/s  limit {r['limit_gbps']:8.2f} "
                   f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f}){piped}  fixed {fixed_us:7.1f} µs",
                   flush=True)
         return rows
     finally:
+        if raw is not None:
+            raw.close()
         tx.close()
         src.close()
 
@@ -343,7 +461,8 @@ def main() -> None:
            "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks; describe not timed; "
            "gbps/limit_gbps: medians; ratio: median of paired runs (transport, then limit); "
            "*_best: fastest run of each; *_sustained: a stream of `pulls` pulls with `depth` in flight vs as "
-           "many raw copies queued",
+           "many raw copies queued; raw_nccl_*: NCCL send/recv alone between the two processes, sender's "
+           "GPU time around its sends",
            "skipped": skipped, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"transport_{tag(args.device)}.json"
