@@ -50,9 +50,14 @@ def alive(host: str, pid: int, start: int, strict: bool = True) -> bool:
 
 class ProcWatch:
     """Cached liveness checks of same-node processes. Per process it keeps a pidfd (readable once
-    the process has exited: a non-blocking poll costs a few µs) and an open /proc/<pid>/stat
-    (re-read with pread for ``strict`` checks, which also see a process that is dying but not
-    yet gone: tearing down a large address space takes milliseconds). Owned by a transport."""
+    the process has exited: a non-blocking poll costs a few µs) and an open stat file of its
+    main thread (re-read with pread for ``strict`` checks, which also see a process that is dying
+    but not yet gone: tearing down a large address space takes milliseconds). Owned by a transport.
+
+    The main thread's ``/proc/<pid>/task/<pid>/stat`` has the same state, flags and start time as
+    ``/proc/<pid>/stat`` (both describe the thread-group leader), but the kernel does not sum every
+    thread's CPU times to make it: 3.2 µs a read for a worker of 256 threads against 6.8 µs (64
+    threads: 3.3 against 4.1 µs) on the 2-core VM. Workers running torch and Ray have dozens."""
 
     def __init__(self):
         self._fds: dict[tuple[int, int], tuple[int, int]] = {}  # (pid, start) -> (pidfd, stat fd)
@@ -85,7 +90,7 @@ class ProcWatch:
     @staticmethod
     def _open(pid: int, start: int) -> tuple[int, int] | None:
         try:
-            statfd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+            statfd = os.open(f"/proc/{pid}/task/{pid}/stat", os.O_RDONLY)
         except OSError:
             return None
         try:

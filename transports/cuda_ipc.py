@@ -63,7 +63,8 @@ class CudaIpcTransfer(Transfer):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._done = None   # () -> bool: the copies finished (an event query)
+        self._done = None   # (synced) -> bool: the copies finished (an event query, skipped once synced)
+        self._synced = False  # wait() synchronized on the copies' event
         self._sync = None   # () -> None: wait for them
         self._src = None    # keeps the opened source alive while copies are queued
 
@@ -77,6 +78,8 @@ class CudaIpcTransfer(Transfer):
                 sync()
             except Exception:  # the event was recycled meanwhile (another thread finished us)
                 pass
+            else:
+                self._synced = True  # the next poll needs no event query
         super().wait(timeout)
 
     def launched(self, src, done, sync) -> None:
@@ -88,7 +91,7 @@ class CudaIpcTransfer(Transfer):
 
     def _progress(self) -> None:
         with self._cond:
-            if self._state.terminal or self._done is None or not self._done():
+            if self._state.terminal or self._done is None or not self._done(self._synced):
                 return
             self.bytes_done = self.nbytes
             self._landed()
@@ -132,7 +135,7 @@ class _TorchLauncher:
                     a.copy_(b, non_blocking=True)  # peer copy when the devices differ
             event = torch.cuda.Event()
             event.record(stream)
-        return event.query, event.synchronize
+        return (lambda synced=False: synced or event.query()), event.synchronize
 
     def close(self) -> None:
         for s in self._streams.values():
@@ -209,8 +212,8 @@ class _CupyLauncher:
                 if prev != index:
                     rt.setDevice(prev)
 
-        def done() -> bool:
-            if rt.eventQuery(done_ev) != 0:
+        def done(synced: bool = False) -> bool:
+            if not synced and rt.eventQuery(done_ev) != 0:
                 return False
             with self._lock:
                 free.append(done_ev)  # called once: the transfer then drops this closure
@@ -315,9 +318,11 @@ class CudaIpcTransport(Transport):
         if not self.peer_alive(b.host, b.pid, b.pid_start):
             self._forget(b.agent)
             return failed_transfer(desc, dst, dst_blocks, PeerLostError(f"source process {b.pid} ({b.agent}) is gone"))
+        src = self._opened.get((b.agent, b.buffer_id))  # opened before: no lock needed to read it
         try:
-            with self._lock:
-                src = self._open(desc)
+            if src is None:
+                with self._lock:
+                    src = self._open(desc)
         except TransferError as e:
             return failed_transfer(desc, dst, dst_blocks, e)
         runs = byte_runs(desc.block_ids, dst_blocks, desc.block_nbytes)
