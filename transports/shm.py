@@ -163,9 +163,12 @@ class ShmTransport(Transport):
     name = "shm"
 
     def __init__(self, *, checksum: bool = False, drain_timeout_s: float = 10.0,
-                 inline_nbytes: int = 1 << 20, piece_nbytes: int = 16 << 20, workers: int = 1):
+                 inline_nbytes: int = 1 << 20, piece_nbytes: int = 64 << 20, workers: int = 1):
         """``inline_nbytes``: pulls up to this size copy inside ``pull`` (lowest fixed cost).
-        ``piece_nbytes``: unit of progress, abort and liveness checks for larger pulls."""
+        ``piece_nbytes``: unit of progress, abort and liveness checks for larger pulls. Each piece
+        is one parallel copy: on the 2-core VM 64 MiB pieces moved 64 MiB / 256 MiB / 1 GiB pulls
+        at 0.83-0.85 / 0.84-0.86 / 0.86-0.87 of one memcpy, 16 MiB pieces at 0.70-0.78 / 0.76-0.84
+        / 0.81-0.84 (four runs each); an abort then waits for at most one piece (~5 ms there)."""
         super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         self.inline_nbytes = inline_nbytes
         self.piece_nbytes = piece_nbytes
