@@ -177,7 +177,10 @@ class Source:
         return out
 
     def close(self):
-        self.call("exit")
+        try:
+            self.call("exit", timeout=60)
+        except (TimeoutError, OSError, EOFError):  # stuck (say, in a NCCL call whose peer gave up)
+            self.proc.kill()
         self.proc.join(60)
 
 

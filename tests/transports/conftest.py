@@ -20,7 +20,9 @@ os.environ.setdefault("NCCL_RAS_ENABLE", "0")
 # id -> (transport, options, source device, destination device). Short drain/op timeouts keep the
 # failure tests quick; defaults are longer.
 MEDIA = {
-    "shm": ("shm", {}, "cpu", "cpu"),
+    # 16 MiB pieces (the default is 64 MiB): a 256 MiB pull is 16 of them, so the abort and
+    # killed-peer cases land between pieces with room to spare on a fast host too
+    "shm": ("shm", {"piece_nbytes": 16 << 20}, "cpu", "cpu"),
     "fake": ("fake", {"latency_s": 0.002, "bandwidth_gbps": 2.0}, "cpu", "cpu"),
     "nccl-gloo": ("nccl", {"backend": "gloo", "op_timeout_s": 10.0}, "cpu", "cpu"),
     "mooncake-tcp": ("mooncake", {"protocol": "tcp"}, "cpu", "cpu"),
