@@ -3,6 +3,8 @@
     python benchmarks/transport_bw.py                     # CPU: shm, fake, nccl (gloo), mooncake (tcp)
     python benchmarks/transport_bw.py --device cuda       # GPU: cuda_ipc (same GPU, GPU0→GPU1),
                                                           #      nccl (GPU0→GPU1), shm (CUDA staging)
+    python benchmarks/transport_bw.py --only shm --sizes-mib 64,256,1024 \
+        --set shm:piece_nbytes=16777216 --suffix=-shm-pieces16   # an option against its default
 
 The source lives in another process (spawned, as workers are): it allocates one buffer with its
 transport's allocator (so shm serves it zero-copy, like a prefill engine made with
@@ -427,11 +429,26 @@ def plot(rows, path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def parse_sets(items: list[str]) -> dict[str, dict[str, int]]:
+    """``["shm:piece_nbytes=16777216"]`` -> ``{"shm": {"piece_nbytes": 16777216}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        m = re.fullmatch(r"(\w+):(\w+)=(\d+)", item)
+        if m is None:
+            raise SystemExit(f"--set {item!r}: expected TRANSPORT:OPTION=INT")
+        out.setdefault(m[1], {})[m[2]] = int(m[3])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--sizes-mib", default="1,4,16,64,256,1024")
     ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
+    ap.add_argument("--set", action="append", default=[], metavar="TRANSPORT:OPTION=INT",
+                    help="an option for every medium of that transport, e.g. shm:piece_nbytes=16777216 "
+                         "(both sides; repeatable)")
+    ap.add_argument("--suffix", default="", help="appended to the result's file name, e.g. --suffix=-pieces16")
     args = ap.parse_args()
     torch.manual_seed(0)
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL bootstrap on loopback
@@ -439,6 +456,8 @@ def main() -> None:
     media = dict(CPU_MEDIA if args.device == "cpu" else CUDA_MEDIA)
     if args.only:
         media = {k: v for k, v in media.items() if k in args.only.split(",")}
+    overrides = parse_sets(args.set)
+    media = {k: (v[0], {**v[1], **overrides.get(v[0], {})}, *v[2:]) for k, v in media.items()}
     skipped = {}
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         for k in [k for k, v in media.items() if "cuda:1" in v[3]]:
@@ -466,9 +485,9 @@ def main() -> None:
            "*_best: fastest run of each; *_sustained: a stream of `pulls` pulls with `depth` in flight vs as "
            "many raw copies queued; raw_nccl_*: NCCL send/recv alone between the two processes, sender's "
            "GPU time around its sends",
-           "skipped": skipped, "results": rows}
+           "options": overrides, "skipped": skipped, "results": rows}
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"transport_{tag(args.device)}.json"
+    path = RESULTS / f"transport_{tag(args.device)}{args.suffix}.json"
     path.write_text(json.dumps(out, indent=1))
     plot(rows, path.with_suffix(".png"), f"KV transports vs link limit — {hw}")
     print(f"\n{'transport':22s} {'MiB':>7s} {'GB/s':>8s} {'limit':>8s} {'ratio':>6s} {'best':>6s} "

@@ -166,9 +166,10 @@ class ShmTransport(Transport):
                  inline_nbytes: int = 1 << 20, piece_nbytes: int = 64 << 20, workers: int = 1):
         """``inline_nbytes``: pulls up to this size copy inside ``pull`` (lowest fixed cost).
         ``piece_nbytes``: unit of progress, abort and liveness checks for larger pulls. Each piece
-        is one copy call, and on the 2-core VM 16 MiB pieces made 64 MiB-1 GiB pulls 5-15% slower
-        than 64 MiB ones (A/B runs of benchmarks/transport_bw.py); an abort waits for at most one
-        piece (~5 ms there)."""
+        is one copy call: on the 2-core VM, 64 MiB-1 GiB pulls moved at 0.67-0.82 of memcpy with
+        16 MiB pieces and 0.78-0.90 with 64 MiB ones (two runs each, alternated:
+        benchmarks/results/transport_cpu-2core-shm-pieces{16,64}*.json); an abort waits for at
+        most one piece (~5 ms there)."""
         super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         self.inline_nbytes = inline_nbytes
         self.piece_nbytes = piece_nbytes
