@@ -333,8 +333,9 @@ class CudaIpcTransport(Transport):
         if (max(s + n for s, _, n in runs) if len(runs) > 1 else runs[0][0] + runs[0][2]) > src.nbytes:
             return failed_transfer(desc, dst, dst_blocks, TransferCorruptError(
                 f"descriptor of {b.agent} reaches past its {src.nbytes}-byte buffer (truncated)"))
+        done, sync = self.launcher.launch(src, dst_mem, runs)  # the copy starts before our bookkeeping
         t = CudaIpcTransfer(desc, dst, dst_blocks, self.peer_alive)
-        t.launched(src, *self.launcher.launch(src, dst_mem, runs))
+        t.launched(src, done, sync)
         return t
 
     def _close(self) -> None:
