@@ -27,7 +27,9 @@ PULLS messages over DEPTH regions against the sustained limit).
 
 Limits, timed the same way in this process: host memcpy (shm, fake), loopback TCP between two
 processes (nccl-gloo, mooncake-tcp), device-to-device copy (same-GPU IPC), torch peer copy
-(cross-GPU IPC, NCCL), pinned host-to-device copy (shm staging for CUDA).
+(cross-GPU IPC, NCCL), pinned host-to-device copy (shm staging for CUDA). Each side is timed to
+the moment the bytes are known to have landed: a pull until its ``wait`` returns, a raw CUDA copy
+(queued, it returns at once) until a sync of the devices it runs on returns.
 Needs no Ray and no pydantic. Writes benchmarks/results/transport_<tag>.json (+ .png).
 """
 from __future__ import annotations
@@ -193,22 +195,28 @@ def reps_for(nbytes: int) -> int:
 
 def timed_pair(fn, limit_fn, nbytes: int, sync=lambda: None) -> tuple[list[float], list[float]]:
     """Seconds of each timed call of ``fn`` and of ``limit_fn``, after one warm-up each, timed
-    alternately so that both see the same machine (other processes come and go on a shared host)."""
-    fn(); sync(); limit_fn(); sync()  # noqa: E702
+    alternately so that both see the same machine (other processes come and go on a shared host).
+    ``fn`` (pulls and their waits) is timed until it returns: a transfer's ``wait`` returns once
+    its bytes landed. ``limit_fn`` (raw copies, which return before they end) is timed until
+    ``sync`` (of the devices they run on) returns. Every device is synced, untimed, after each."""
+    fn(); cuda_sync(); limit_fn(); sync(); cuda_sync()  # noqa: E702
     a, b = [], []
     for _ in range(reps_for(nbytes)):
-        for f, out in ((fn, a), (limit_fn, b)):
+        for f, s, out in ((fn, None, a), (limit_fn, sync, b)):
             t0 = time.perf_counter()
             f()
-            sync()
+            if s is not None:
+                s()
             out.append(time.perf_counter() - t0)
+            cuda_sync()
     return a, b
 
 
-def cuda_sync():
+def cuda_sync(*devices: torch.device):
+    """Wait for the work queued on ``devices`` (default: every CUDA device)."""
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(i)
+        for d in devices or range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
 
 
 def limit_op(kind: str, nbytes: int, tcp_source: Source | None, depth: int = 1, count: int | None = None):
@@ -246,7 +254,9 @@ def limit_op(kind: str, nbytes: int, tcp_source: Source | None, depth: int = 1, 
         b = torch.zeros(n, dtype=torch.uint8, device=dev0)
     else:
         raise ValueError(kind)
-    return (lambda: [b[p].copy_(a[p], non_blocking=True) for p in parts]), cuda_sync, (lambda: None)
+    devices = list(dict.fromkeys(t.device for t in (a, b) if t.is_cuda))  # the devices the copy runs on
+    return ((lambda: [b[p].copy_(a[p], non_blocking=True) for p in parts]), (lambda: cuda_sync(*devices)),
+            (lambda: None))
 
 
 class RawNccl:
@@ -480,7 +490,8 @@ def main() -> None:
     hw = describe(args.device)
     out = {"benchmark": "transport_bw", "hardware": hw, "load_average": os.getloadavg()[0],
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-           "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks; describe not timed; "
+           "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks, until wait returns; describe not timed; raw "
+           "copies until a sync of the devices they run on returns; "
            "gbps/limit_gbps: medians; ratio: median of paired runs (transport, then limit); "
            "*_best: fastest run of each; *_sustained: a stream of `pulls` pulls with `depth` in flight vs as "
            "many raw copies queued; raw_nccl_*: NCCL send/recv alone between the two processes, sender's "
