@@ -201,7 +201,12 @@ class Transport(abc.ABC):
     def pull(self, desc: ChunkDesc, dst: Buffer, dst_block_ids: Sequence[int]) -> Transfer:
         """Start copying ``desc``'s blocks into ``dst_block_ids`` of ``dst`` (same order).
         Returns at once (small copies may already be DONE); medium failures show as FAILED.
-        Raises TransferError only for misuse: closed transport, foreign descriptor, bad ids."""
+        Raises TransferError only for misuse: closed transport, foreign descriptor, bad ids.
+        CUDA destinations: the bytes land after the work queued on the caller's current stream
+        (of ``dst``'s device) when ``pull`` is called, and wait for no other stream; once DONE
+        they are visible to any stream. A caller whose blocks have no queued work (a decode
+        worker's freshly claimed blocks) pulls from an idle stream, so that the copy need not
+        wait for the engine's steps."""
         self._check_open()
         if desc.buffer.transport != self.name:
             raise TransferError(f"descriptor from transport {desc.buffer.transport!r} "

@@ -24,9 +24,11 @@ p2p ops of a pair must match in order)::
     source       check buffer and ranges → post send(piece) for each
                  (or ← {"op": "error"}: the pair is torn down, the transfer FAILED)
 
-Up to ``windows_in_flight`` windows of a pair are posted at once, across pulls: the next pull's
-windows go out while earlier ones move. A pull made while its pair is idle posts its first windows
-in the caller's thread (no hand-off), the pair's link thread the rest as room frees up. Windows
+On CUDA a window's receives land after the work queued on the stream that was current when
+the pull was made (whichever thread posts it). Up to ``windows_in_flight`` windows of a pair are
+posted at once, across pulls: the next pull's windows go out while earlier ones move. A pull
+made while its pair is idle posts its first windows in the caller's thread (no hand-off), the
+pair's link thread the rest as room frees up. Windows
 are reaped in order, and the last one of a pull finishes it (liveness, checksums → DONE): on NCCL
 by the threads that poll or wait on pulls (again no hand-off; the link thread looks every
 0.2-1 ms as a backstop), on gloo by the link thread, whose waits block.
@@ -38,6 +40,7 @@ once and aborts its data plane; a peer that stops answering is cut off when ``ab
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -123,9 +126,10 @@ class _TorchPlane:
         self.pg, self.peer = pg, peer
         self.pollable = backend == "nccl"  # gloo completes p2p works only inside wait()
 
-    def post(self, base: torch.Tensor, pieces, tag: int, send: bool) -> _Works:
+    def post(self, base: torch.Tensor, pieces, tag: int, send: bool, after=None) -> _Works:
         op = self.pg.send if send else self.pg.recv
-        return _Works([op([base[o:o + n]], self.peer, tag + j) for j, (o, n) in enumerate(pieces)])
+        with torch.cuda.stream(after) if after is not None else contextlib.nullcontext():  # NCCL orders after it
+            return _Works([op([base[o:o + n]], self.peer, tag + j) for j, (o, n) in enumerate(pieces)])
 
     def abort(self) -> None:
         _teardown(self.pg)
@@ -173,7 +177,9 @@ class _CupyPlane:
         finally:
             rt.setDevice(prev)
 
-    def post(self, base: torch.Tensor, pieces, tag: int, send: bool) -> _Event:
+    def post(self, base: torch.Tensor, pieces, tag: int, send: bool, after=None) -> _Event:
+        """``after``: receives land after the work queued on this torch stream (default: the
+        posting thread's current stream)."""
         rt, nccl, comm = self.rt, self.nccl, self.comm
         if comm is None:
             raise RuntimeError("the pair's NCCL communicator was aborted")
@@ -182,7 +188,8 @@ class _CupyPlane:
             rt.setDevice(self.device)
         try:
             if not send:  # land after the caller's queued work on the destination memory
-                rt.eventRecord(self.after, torch._C._cuda_getCurrentRawStream(self.device))
+                rt.eventRecord(self.after, after.cuda_stream if after is not None
+                               else torch._C._cuda_getCurrentRawStream(self.device))
                 rt.streamWaitEvent(self.stream, self.after, 0)
             op, ptr = (comm.send if send else comm.recv), base.data_ptr()
             nccl.groupStart()
@@ -221,6 +228,7 @@ class _CupyPlane:
 class NcclTransfer(Transfer):
     link: "_Link"
     windows: deque  # windows not posted yet: lists of (source offset, destination offset, nbytes)
+    after = None    # CUDA: the caller's current stream at pull (windows land after its queued work)
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -365,7 +373,7 @@ class _Link:
             # the first recv, which blocks until the source, prompted by this message, joins)
             self.ch.send({"op": "send", "tag": tag, "buffer": x.desc.buffer.buffer_id,
                           "pieces": [[s, n] for s, _, n in win]})
-            work = self.plane.post(x.dst.flat, [(d, n) for _, d, n in win], tag, send=False)
+            work = self.plane.post(x.dst.flat, [(d, n) for _, d, n in win], tag, send=False, after=x.after)
             with self._cv:
                 self._inflight.append(_Window(x, work, sum(n for *_, n in win), not x.windows))
 
@@ -691,6 +699,7 @@ class NcclTransport(Transport):
         x.link = link
         if self.backend == "nccl":
             x.spin_s = 0.05  # a window lands within ms: poll for DONE rather than sleep
+            x.after = torch.cuda.current_stream(dst.flat.device)  # windows may be posted by the link thread
         link.submit(x)
         return x
 

@@ -10,7 +10,8 @@ Memory (one segment per registered buffer, reused by every transfer)::
       named blocks into it (CUDA caches: staging)
 
 With CUDA on either side the segment is page-locked once (cudaHostRegister), so the staging
-copies (D2H in ``describe``, H2D in ``pull``) run at pinned-copy speed.
+copies (D2H in ``describe``, H2D in ``pull``) run at pinned-copy speed. H2D copies run on a
+stream of the transport, after the work queued on the caller's current stream at ``pull``.
 
 The destination copies in pieces of ``piece_nbytes`` on a worker thread (payloads up to
 ``inline_nbytes`` are copied inside ``pull``), checking ``abort`` and the source's liveness between
@@ -23,6 +24,7 @@ Mappings stay valid for tensors that still use them (the engine's cache outlives
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -128,19 +130,23 @@ class ShmTransfer(Transfer):
     """Copies pieces from a mapped source segment; run inline or on the transport's worker."""
 
     on_peer_lost = None  # set by the transport: drop the dead peer's mapping and segment
+    stream = None        # CUDA destinations: (the transport's copy stream, an event on the caller's stream)
 
     def run(self, src: torch.Tensor, pieces: list[tuple[int, int, int]]) -> None:
         b = self.desc.buffer
         try:
             self._start()
-            for i, (s, d, n) in enumerate(pieces):
-                if self.aborting:
-                    return
-                if i and not self._peer_alive(b.host, b.pid, b.pid_start, True):
-                    self._fail(PeerLostError(f"source process {b.pid} ({b.agent}) died during the transfer"))
-                    return
-                self._copy(src, s, d, n)
-                self.bytes_done += n
+            with torch.cuda.stream(self.stream[0]) if self.stream else contextlib.nullcontext():
+                if self.stream:
+                    self.stream[0].wait_event(self.stream[1])  # after the caller's queued work on dst
+                for i, (s, d, n) in enumerate(pieces):
+                    if self.aborting:
+                        return
+                    if i and not self._peer_alive(b.host, b.pid, b.pid_start, True):
+                        self._fail(PeerLostError(f"source process {b.pid} ({b.agent}) died during the transfer"))
+                        return
+                    self._copy(src, s, d, n)
+                    self.bytes_done += n
             self._sync()
             self._landed()
         except Exception as e:  # a medium error must end as FAILED, never escape into a thread
@@ -152,8 +158,8 @@ class ShmTransfer(Transfer):
                 self.on_peer_lost()
 
     def _sync(self) -> None:
-        if self.dst.flat.device.type == "cuda":
-            torch.cuda.current_stream(self.dst.flat.device).synchronize()
+        if self.stream:
+            self.stream[0].synchronize()
 
     def _copy(self, src: torch.Tensor, s: int, d: int, n: int) -> None:
         self.dst.flat[d:d + n].copy_(src[s:s + n], non_blocking=self.dst.flat.device.type == "cuda")
@@ -176,6 +182,7 @@ class ShmTransport(Transport):
         self._owned: dict[str, Segment] = {}   # segments this process created
         self._peers: dict[str, Segment] = {}   # peers' segments mapped here, by name
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"lmdisagg-{self.name}")
+        self._streams: dict[int, torch.cuda.Stream] = {}  # CUDA device -> the stream copies into it run on
         sweep_dead_segments()
 
     # --- memory --------------------------------------------------------------------------------
@@ -269,11 +276,22 @@ class ShmTransport(Transport):
         pieces = list(split_runs(runs, self.piece_nbytes))
         t = self._new_transfer(desc, dst, dst_blocks)
         t.on_peer_lost = lambda: self._forget(b.address)
+        if dst.flat.device.type == "cuda":  # copies go on a stream of ours, ordered after the caller's
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(dst.flat.device))
+            t.stream = (self._copy_stream(dst.flat.device), after)
         if desc.nbytes <= self.inline_nbytes:
             t.run(src, pieces)
         else:
             self._pool.submit(t.run, src, pieces)
         return t
+
+    def _copy_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        with self._lock:
+            stream = self._streams.get(device.index)
+            if stream is None:
+                stream = self._streams[device.index] = torch.cuda.Stream(device)
+            return stream
 
     def _new_transfer(self, desc, dst, dst_blocks) -> ShmTransfer:
         return ShmTransfer(desc, dst, dst_blocks, self.peer_alive)

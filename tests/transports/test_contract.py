@@ -20,11 +20,12 @@ from lmdisagg.transports import (
 )
 from lmdisagg.transports._blocks import block_checksums
 from tests.transports import leaks
-from tests.transports.conftest import DRAIN_S, MEDIA, Peer, prompt_for, side_options
+from tests.transports.conftest import DRAIN_S, GPU_MEDIA, MEDIA, Peer, gpu, prompt_for, side_options
 
 MiB = 1 << 20
 BIG, BIG_BLOCK = 256 * MiB, 16 * MiB
 ONE_SIDED = {"shm", "fake", "cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "shm-cuda"}  # pulls need nothing of the peer
+SLEEP_CYCLES = 1_500_000_000  # torch.cuda._sleep: ~0.75 s at ~2 GHz, far longer than an 8 MiB pull
 GPU_FAST = {"cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "nccl-cuda", "nccl-cuda-torch", "shm-cuda"}  # 256 MiB may finish before abort
 
 
@@ -131,6 +132,45 @@ def test_256mib_payload_scattered(medium, big, big_dst, local):
     x = local.pull(desc, big_dst, ids)
     x.wait(120)
     assert digests(big_dst, ids, BIG_BLOCK) == want
+
+
+@pytest.mark.parametrize("medium", [pytest.param(m, id=m, marks=gpu) for m in GPU_MEDIA], indirect=True)
+def test_cuda_pull_orders_after_the_callers_stream_only(medium, peer, local):
+    """On CUDA a pull lands after the work queued on the caller's current stream, and waits for
+    no other stream: a decode worker pulls from an idle stream while its engine's steps run on
+    the default one."""
+    dev = torch.device(MEDIA[medium][3])
+    n, block = 8 * MiB, 1 * MiB
+    ids = list(range(n // block))
+    desc, want = peer.call("describe", peer.call("raw", n, 5), ids, block, False)
+    dst = dst_buffer(local, medium, n)
+    try:
+        # the caller's stream holds a long kernel, then a fill of dst: the pull lands after both
+        caller = torch.cuda.Stream(dev)
+        with torch.cuda.stream(caller):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            dst.flat.fill_(0xAB)
+            x = local.pull(desc, dst, ids)
+        x.wait(60)
+        assert digests(dst, ids, block) == want, "the pull landed before the caller's queued fill"
+
+        # the engine's (default) stream is busy; a pull from an idle stream does not wait for it
+        dst.flat.zero_()
+        torch.cuda.synchronize(dev)
+        busy = torch.cuda.default_stream(dev)
+        with torch.cuda.stream(busy):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            busy_done = torch.cuda.Event()
+            busy_done.record(busy)
+        with torch.cuda.stream(torch.cuda.Stream(dev)):
+            y = local.pull(desc, dst, ids)
+        y.wait(60)
+        assert not busy_done.query(), "the pull waited for the busy default stream"
+        torch.cuda.synchronize(dev)
+        assert digests(dst, ids, block) == want
+    finally:
+        torch.cuda.synchronize(dev)
+        local.deregister(dst)
 
 
 def test_abort_mid_transfer(medium, peer, big, big_dst, local):
