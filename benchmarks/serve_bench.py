@@ -163,6 +163,7 @@ def main() -> None:
             stats = pipe.worker_stats()
             s["kv_pulled_bytes"] = sum(w.stats.get("pulled_bytes", 0) for w in stats.values())
             s["kv_pull_seconds"] = sum(w.stats.get("pull_seconds", 0.0) for w in stats.values())
+            s["kv_transfer_seconds"] = sum(w.stats.get("transfer_seconds", 0.0) for w in stats.values())
             summaries.append(s)
         finally:
             pipe.shutdown()

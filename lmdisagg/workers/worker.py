@@ -106,7 +106,8 @@ class Worker:
         if self.role != "decode" and store_cfg.enabled:
             self.bridge = store_cfg.bridge(engine, wake=lambda: self.loop.submit(lambda e: None))
         self.counters = {"requests": 0, "transfer_failures": 0, "recomputed_prompts": 0,
-                         "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "reused_chunks": 0}
+                         "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "transfer_seconds": 0.0,
+                         "reused_chunks": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
         self._snapshot(engine)
         self.loop = EngineLoop(engine, after_step=self._after_step)
@@ -349,9 +350,10 @@ class DecodeWorker(Worker):
         try:
             if pairs:
                 t0 = time.perf_counter()  # the transfer alone (not the waits for the engine loop)
-                await asyncio.to_thread(self.kv.pull, h.descriptor, [s for s, _ in pairs], [d for _, d in pairs],
-                                        self.timeouts["transfer_s"])
+                inner = await asyncio.to_thread(self.kv.pull, h.descriptor, [s for s, _ in pairs],
+                                                [d for _, d in pairs], self.timeouts["transfer_s"])
                 self.counters["pull_seconds"] += time.perf_counter() - t0
+                self.counters["transfer_seconds"] += inner
         except (TransferError, OSError, RuntimeError) as err:
             self.counters["transfer_failures"] += 1
             log.error("KV pull of %s from %s failed: %s; recomputing", req.request_id, h.source_worker, err)

@@ -71,6 +71,7 @@ def test_every_transport_gives_the_same_tokens(local_ray, engine, transport):
             assert got.token_ids == expected.token_ids
         st = pipe.worker_stats()["decode-0"].stats
         assert st["pulled_chunks"] > 0 and st["transfer_failures"] == 0 and st["recomputed_prompts"] == 0
+        assert 0 < st["transfer_seconds"] <= st["pull_seconds"]  # the transport's time, within the pull's
     finally:
         pipe.shutdown()
 
