@@ -28,10 +28,10 @@ On CUDA a window's receives land after the work queued on the stream that was cu
 the pull was made (whichever thread posts it). Up to ``windows_in_flight`` windows of a pair are
 posted at once, across pulls: the next pull's windows go out while earlier ones move. A pull
 made while its pair is idle posts its first windows in the caller's thread (no hand-off), the
-pair's link thread the rest as room frees up. Windows
-are reaped in order, and the last one of a pull finishes it (liveness, checksums → DONE): on NCCL
-by the threads that poll or wait on pulls (again no hand-off; the link thread looks every
-0.2-1 ms as a backstop), on gloo by the link thread, whose waits block.
+pair's link thread the rest as room frees up. Windows are reaped in order, and the last one of a
+pull finishes it (liveness, checksums → DONE): on NCCL by the threads that poll or wait on pulls
+(again no hand-off; the link thread looks every 0.2-1 ms as a backstop), on gloo by the link
+thread, whose waits block.
 
 The source sends nothing unrequested, so abort just stops posting windows and drains the ones in
 flight. A broken control connection (EOF: the peer died or closed) fails the pair's transfers at
