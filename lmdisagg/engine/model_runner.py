@@ -55,6 +55,10 @@ class ModelRunner:
         self.kv = (kv_allocator or allocate_kv)(shape, dtype, device)
         assert tuple(self.kv.shape) == shape and self.kv.is_contiguous(), "kv_allocator broke the layout"
         self.triton = False
+        # where a CUDA step's sampled tokens are read back (made now: cudaHostAlloc during a
+        # step would wait for the GPU holding the GIL)
+        self.tokens_host = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True) \
+            if device.type == "cuda" else None
         if device.type == "cuda":
             try:
                 self.set_attention("triton")
@@ -197,4 +201,4 @@ class ModelRunner:
                 ids, positions, meta, last = self.prepare(prefills, decodes)
                 hidden = self.model(ids, positions, self.kv, meta)         # [N, hidden]
                 logits = self.model.logits(hidden if last is None else hidden[last])  # [B, vocab]
-            return sample(logits, prefills + decodes)
+            return sample(logits, prefills + decodes, self.tokens_host)

@@ -10,6 +10,9 @@ fail on the near-ties of a random model the way exact sequence equality could.
 """
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -62,6 +65,51 @@ def test_greedy_tokens_match_hf(cuda_engine, hf_cuda):
     for p, r in zip(prompts, results):
         assert len(r.token_ids) == 24
         assert_hf_greedy(hf_cuda, p, r.token_ids)
+
+
+def test_a_step_waiting_for_its_tokens_leaves_other_threads_cuda_calls_free(cuda_engine):
+    """A decode worker pulls KV on another thread while its engine steps. The step's wait for its
+    sampled tokens must not hold up that thread's CUDA calls: read with ``.tolist()``, it kept the
+    GIL until the step's kernels ended, and a pull's launch (cupy takes the GIL back after each
+    driver call) waited for it."""
+    from lmdisagg.transports import create_transport
+    block = 2 << 20
+    tx = create_transport("cuda_ipc")
+    try:
+        src = tx.register(torch.ones(4 * block, dtype=torch.uint8, device="cuda"))
+        dst = tx.register(torch.zeros(4 * block, dtype=torch.uint8, device="cuda"))
+        desc = tx.describe(src, [0, 1, 2, 3], block)
+        side = torch.cuda.Stream()  # an idle stream, as a decode worker's
+        with torch.cuda.stream(side):
+            tx.pull(desc, dst, [0, 1, 2, 3]).wait(30)  # a worker's transport is warm (streams made)
+            dst.flat.zero_()
+        # a worker's engine has stepped before: a kernel's first launch loads it (CUDA's lazy
+        # loading), which waits for the GPU with the GIL held, once
+        cuda_engine.generate([random_ids(8, seed=4)], SamplingParams(max_tokens=2, ignore_eos=True))
+        cuda_engine.add_request("behind-a-long-kernel", random_ids(20, seed=5),
+                                SamplingParams(max_tokens=1, ignore_eos=True))
+        launch: list[float] = []
+
+        def pull():
+            time.sleep(0.2)  # the step is waiting for its tokens by now
+            with torch.cuda.stream(side):
+                t0 = time.perf_counter()
+                x = tx.pull(desc, dst, [0, 1, 2, 3])
+                launch.append(time.perf_counter() - t0)
+            x.wait(30)
+        th = threading.Thread(target=pull)
+        torch.cuda._sleep(1_500_000_000)  # ~0.75 s on the engine's stream, ahead of its step
+        th.start()
+        t0 = time.perf_counter()
+        while cuda_engine.has_unfinished():
+            cuda_engine.step()
+        step_s = time.perf_counter() - t0
+        th.join(30)
+        assert torch.equal(dst.flat, src.flat)
+    finally:
+        tx.close()
+    assert step_s > 0.4  # the step did wait for the long kernel
+    assert launch and launch[0] < 0.1, f"the pull's launch took {launch[0]:.3f} s, behind the step's token read"
 
 
 def test_prefix_cache_hit_matches_hf(cuda_engine, hf_cuda):
