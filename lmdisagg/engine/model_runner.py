@@ -55,8 +55,8 @@ class ModelRunner:
         self.kv = (kv_allocator or allocate_kv)(shape, dtype, device)
         assert tuple(self.kv.shape) == shape and self.kv.is_contiguous(), "kv_allocator broke the layout"
         self.triton = False
-        # where a CUDA step's sampled tokens are read back (made now: cudaHostAlloc during a
-        # step would wait for the GPU holding the GIL)
+        # where a CUDA step's sampled tokens are read back: allocated once (pinned allocation is
+        # slow and may synchronize with the device)
         self.tokens_host = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=True) \
             if device.type == "cuda" else None
         if device.type == "cuda":

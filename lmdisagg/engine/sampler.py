@@ -12,7 +12,7 @@ def to_host(t: torch.Tensor, pinned: torch.Tensor | None = None) -> list:
     that holds enough values, reused each step) and an event wait, not ``.tolist()``, which keeps
     the GIL while it waits for the step's kernels: every other thread of the worker (its event
     loop, a KV pull) then stood still for the rest of the step (a pull's launch waited ~4 ms per
-    decode step on H200). Allocating pinned memory (cudaHostAlloc) would wait the same way."""
+    decode step on H200)."""
     if t.device.type != "cuda":
         return t.tolist()
     n = t.numel()
