@@ -14,6 +14,9 @@ pulls into a registered destination buffer in ordinary memory (a decode engine's
 warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls;
 the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
 ``first_contact_ms``: the very first pull (handshakes, IPC opens, pair groups).
+``gbps_before_raw_copies``: one pull of the largest size before this process has made any raw
+copy (the limits' copies between two GPUs have torch enable peer access between them, which
+also remaps memory it opened from another process; a decode worker makes no such copy).
 ``*_sustained``: a stream of PULLS pulls of the size with DEPTH in flight (a new pull starts as
 the oldest finishes, into the blocks that one filled): the rate a loaded decode worker sees when
 several requests' KV moves at once, measured as ib_write_bw and nccl-tests do (many operations
@@ -362,6 +365,15 @@ def bench_medium(label, spec, sizes, tcp_source):
             tx.pull(tiny, dst, [0]).wait(60)
             lat.append(time.perf_counter() - t0)
         fixed_us = statistics.median(lat[50:]) * 1e6
+        # the largest pull once, before this process makes any raw copy: a raw copy between two
+        # GPUs has torch enable peer access between them, which also changes how memory torch
+        # opened from another process is mapped (a decode worker makes no such copy)
+        ids = list(range(top // min(top, BLOCK)))
+        desc = src.call("describe", ids, min(top, BLOCK), False)
+        tx.pull(desc, dst, ids).wait(600)
+        t0 = time.perf_counter()
+        tx.pull(desc, dst, ids).wait(600)
+        before_raw_gbps = top / (time.perf_counter() - t0) / 1e9
         rows = []
         for size in sizes:
             block = min(size, BLOCK)
@@ -388,6 +400,7 @@ def bench_medium(label, spec, sizes, tcp_source):
                          "first_contact_ms": round(first_ms, 2), "reps": len(secs),
                          "gbps_best": round(best, 3), "limit_gbps_best": round(limit_best, 3),
                          "ratio_best": round(best / limit_best, 3), "launcher": launcher,
+                         "gbps_before_raw_copies": round(before_raw_gbps, 3),
                          **sustained(tx, src, dst, size, block, limit, tcp_source)})
             r = rows[-1]
             if raw is not None:
