@@ -180,11 +180,21 @@ class _CupyLauncher:
                 self._events.append((index, after))
                 self._free[index] = []
             if src_index != index and (index, src_index) not in self._peers:
-                try:
-                    rt.deviceEnablePeerAccess(src_index)  # direct NVLink / PCIe peer copies
-                except rt.CUDARuntimeError as e:
-                    if "PeerAccessAlreadyEnabled" not in str(e):
-                        raise
+                # Peer access both ways where the GPUs have it. The source's memory is opened into
+                # the source device's context, and a copy out of it goes peer to peer only if that
+                # device may reach ours; else the driver stages it through the host: 213 MB
+                # serving pulls on 2xH200 took 6.2 ms (36 GB/s) with only our device reaching the
+                # source, 0.71 ms (296 GB/s) with both. torch's copies enable the same direction.
+                for a, b in ((index, src_index), (src_index, index)):
+                    if not rt.deviceCanAccessPeer(a, b):
+                        continue  # no P2P between them: the driver's staged copies
+                    self._on(a)
+                    try:
+                        rt.deviceEnablePeerAccess(b)
+                    except rt.CUDARuntimeError as e:
+                        if "PeerAccessAlreadyEnabled" not in str(e):
+                            raise
+                self._on(index)
                 self._peers.add((index, src_index))
             return got
         finally:

@@ -1,0 +1,70 @@
+"""cuda_ipc across GPUs: a pull leaves the source's device able to reach the destination's, so
+that the copies run peer to peer (NVLink, PCIe P2P) rather than staged through the host.
+
+The source's memory is opened into the source device's context, and the driver copies out of it
+peer to peer only if that device has peer access to the destination device. A decode worker
+that had enabled only the other direction (its own device reaching the source) got every pull
+staged through the host: 36 GB/s against 296 GB/s on 2xH200 (benchmarks/transport_bw.py's
+``gbps_before_raw_copies`` and serve_bench's ``kv_transfer_seconds`` measure the speed; no test
+times it). Which peer access a process holds is CUDA's own state: enabling it again answers
+cudaErrorPeerAccessAlreadyEnabled. Any copy between the two devices made by torch enables it as
+a side effect, so the destination runs in a process of its own, fresh: nothing there has made one
+before the transport does."""
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+
+from tests.transports.conftest import Peer, need_devices
+
+pytestmark = pytest.mark.gpu
+
+
+def destination(conn, desc, runtime: str) -> None:
+    try:
+        import torch
+        from cupy.cuda import runtime as rt
+
+        from lmdisagg.transports import create_transport
+        from lmdisagg.transports._blocks import block_checksums
+        tx = create_transport("cuda_ipc", runtime=runtime)
+        n = len(desc.block_ids)
+        dst = tx.register(torch.zeros(n * desc.block_nbytes, dtype=torch.uint8, device="cuda:1"))
+        tx.pull(desc, dst, list(range(n))).wait(60)
+        got = list(block_checksums(dst.flat, list(range(n)), desc.block_nbytes))
+        rt.setDevice(0)
+        try:
+            rt.deviceEnablePeerAccess(1)
+            reach = "not enabled by the pull"
+        except rt.CUDARuntimeError as e:
+            reach = "enabled" if "PeerAccessAlreadyEnabled" in str(e) else repr(e)
+        tx.close()
+        conn.send(("ok", got, reach))
+    except Exception as e:
+        conn.send(("err", repr(e), None))
+
+
+@pytest.mark.parametrize("runtime", ["cupy", "torch"])
+def test_a_cross_gpu_pull_enables_peer_access_from_the_source_device(runtime):
+    need_devices("cuda:0", "cuda:1")
+    import torch
+    if not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("cuda:0 has no peer access to cuda:1 on this machine")
+    peer = Peer("cuda_ipc-2gpu")
+    try:
+        block = 2 << 20
+        bid = peer.call("raw", 8 * block, 7)
+        desc, want = peer.call("describe", bid, list(range(8)), block, False)
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=destination, args=(child, desc, runtime), daemon=True)
+        proc.start()
+        assert conn.poll(120), "the destination process did not answer"
+        status, got, reach = conn.recv()
+        proc.join(60)
+    finally:
+        peer.stop()
+    assert status == "ok", got
+    assert got == want, "the pulled blocks differ from the source's"
+    assert reach == "enabled", f"peer access cuda:0 -> cuda:1 after a {runtime} pull: {reach}"
