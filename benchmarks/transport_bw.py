@@ -16,8 +16,9 @@ the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after 
 ``first_contact_ms``: the very first pull (handshakes, IPC opens, pair groups).
 ``gbps_before_raw_copies``: one pull of the largest size made before this process has made any
 raw copy between two GPUs (absent for the media measured after one). Such a copy has torch
-enable peer access between the GPUs, which may also change how it maps memory opened from
-another process (suspected: serving pulls, whose workers make no such copy, ran at ~38 GB/s).
+enable peer access from the source's GPU to the destination's, which decides whether a copy out
+of memory opened from another process runs peer to peer or staged through the host; a decode
+worker makes no such copy, so this pull shows the rate it gets from the transport alone.
 ``*_sustained``: a stream of PULLS pulls of the size with DEPTH in flight (a new pull starts as
 the oldest finishes, into the blocks that one filled): the rate a loaded decode worker sees when
 several requests' KV moves at once, measured as ib_write_bw and nccl-tests do (many operations
