@@ -16,12 +16,16 @@ and the events go through cupy's CUDA runtime bindings, a few µs per call; with
 of µs per pull. Both use the same raw streams and move the same bytes.
 
 Devices are matched by UUID, so workers may see GPUs under different indices
-(CUDA_VISIBLE_DEVICES per actor); the source's GPU must be visible to the destination.
+(CUDA_VISIBLE_DEVICES per actor); the source's GPU must be visible to the destination. Across
+GPUs, peer access is enabled both ways (a copy out of IPC-opened memory goes peer to peer only if
+the source's device may reach ours); GPUs without it get the driver's copies staged through host
+memory, and a warning when their first buffer is opened (untested here: every lent GPU pair peers).
 Enqueued copies cannot be cancelled: ``abort`` waits for them (milliseconds). A transfer whose
 source died before it completed is FAILED: IPC memory of a dead process is not to be trusted.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import NamedTuple
@@ -34,6 +38,8 @@ from lmdisagg.transports.base import (
     Buffer, ChunkDesc, PeerLostError, Transfer, TransferCorruptError, TransferError, Transport,
     TransferState, failed_transfer,
 )
+
+log = logging.getLogger(__name__)
 
 
 def device_uuid(index: int) -> str:
@@ -292,7 +298,7 @@ class CudaIpcTransport(Transport):
     def _prepare(self, buf: Buffer, block_ids, block_nbytes) -> None:
         torch.cuda.current_stream(buf.flat.device).synchronize()
 
-    def _open(self, desc: ChunkDesc) -> _Mem:
+    def _open(self, desc: ChunkDesc, dst_index: int) -> _Mem:
         b = desc.buffer
         key = (b.agent, b.buffer_id)
         src = self._opened.get(key)
@@ -311,6 +317,9 @@ class CudaIpcTransport(Transport):
         if byte_off + b.nbytes > size:
             raise TransferCorruptError(f"descriptor of {b.agent} claims {b.nbytes} bytes at offset {byte_off} "
                                        f"of a {size}-byte allocation (truncated)")
+        if index != dst_index and not torch.cuda.can_device_access_peer(index, dst_index):
+            log.warning("cuda_ipc: GPU %d (source %s) has no peer access to GPU %d: its pulls are staged "
+                        "through host memory by the driver, far below the GPU link's rate", index, b.agent, dst_index)
         with torch.cuda.device(index):
             storage = torch.UntypedStorage._new_shared_cuda(index, handle, size, offset, ref_h, ref_off, ev_h, ev_sync)
             src = _Mem.of(torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}").set_(storage, byte_off, (b.nbytes,)))
@@ -336,7 +345,7 @@ class CudaIpcTransport(Transport):
         try:
             if src is None:
                 with self._lock:
-                    src = self._open(desc)
+                    src = self._open(desc, dst_mem.index)
         except TransferError as e:
             return failed_transfer(desc, dst, dst_blocks, e)
         runs = byte_runs(desc.block_ids, dst_blocks, desc.block_nbytes)
