@@ -190,7 +190,7 @@ class _CupyLauncher:
                 # the source device's context, and a copy out of it goes peer to peer only if that
                 # device may reach ours; else the driver stages it through the host: 213 MB
                 # serving pulls on 2xH200 took 6.2 ms (36 GB/s) with only our device reaching the
-                # source, 0.71 ms (296 GB/s) with both. torch's copies enable the same direction.
+                # source, 0.72 ms (295 GB/s) with both. torch's copies enable the same direction.
                 for a, b in ((index, src_index), (src_index, index)):
                     if not rt.deviceCanAccessPeer(a, b):
                         continue  # no P2P between them: the driver's staged copies

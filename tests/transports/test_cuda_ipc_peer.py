@@ -4,7 +4,7 @@ that the copies run peer to peer (NVLink, PCIe P2P) rather than staged through t
 The source's memory is opened into the source device's context, and the driver copies out of it
 peer to peer only if that device has peer access to the destination device. A decode worker
 that had enabled only the other direction (its own device reaching the source) got every pull
-staged through the host: 36 GB/s against 296 GB/s on 2xH200 (benchmarks/transport_bw.py's
+staged through the host: 36 GB/s against 295 GB/s on 2xH200 (probes of serving pulls) (benchmarks/transport_bw.py's
 ``gbps_before_raw_copies`` and serve_bench's ``kv_transfer_seconds`` measure the speed; no test
 times it). Which peer access a process holds is CUDA's own state: enabling it again answers
 cudaErrorPeerAccessAlreadyEnabled. Any copy between the two devices made by torch enables it as
@@ -61,9 +61,14 @@ def test_a_cross_gpu_pull_enables_peer_access_from_the_source_device(runtime):
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=destination, args=(child, desc, runtime), daemon=True)
         proc.start()
-        assert conn.poll(120), "the destination process did not answer"
-        status, got, reach = conn.recv()
-        proc.join(60)
+        try:
+            assert conn.poll(120), "the destination process did not answer"
+            status, got, reach = conn.recv()
+            proc.join(60)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
     finally:
         peer.stop()
     assert status == "ok", got
