@@ -9,6 +9,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from lmdisagg.transports.transfer import TransferError
+
 
 def byte_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int],
               block_nbytes: int) -> list[tuple[int, int, int]]:
@@ -42,7 +44,6 @@ def byte_runs(src_blocks: Sequence[int], dst_blocks: Sequence[int],
 
 def check_blocks(ids: Sequence[int], block_nbytes: int, nbytes: int, what: str) -> tuple[int, ...]:
     """``ids`` as a tuple of ints, each a whole block inside an ``nbytes`` buffer (else TransferError)."""
-    from lmdisagg.transports.transfer import TransferError
     if block_nbytes <= 0:
         raise TransferError(f"{what}: block_nbytes must be positive")
     ids = ids if type(ids) is tuple else tuple(ids)

@@ -50,7 +50,7 @@ def alive(host: str, pid: int, start: int, strict: bool = True) -> bool:
 
 class ProcWatch:
     """Cached liveness checks of same-node processes. Per process it keeps a pidfd (readable once
-    the process has exited: a non-blocking poll costs a few µs) and an open stat file of its
+    the process has exited: a non-blocking poll of it costs ~0.5 µs) and an open stat file of its
     main thread (re-read with pread for ``strict`` checks, which also see a process that is dying
     but not yet gone: tearing down a large address space takes milliseconds). Owned by a transport.
 
@@ -60,7 +60,8 @@ class ProcWatch:
     threads: 3.3 against 4.1 µs) on the 2-core VM. Workers running torch and Ray have dozens."""
 
     def __init__(self):
-        self._fds: dict[tuple[int, int], tuple[int, int]] = {}  # (pid, start) -> (pidfd, stat fd)
+        # (pid, start) -> (pidfd, stat fd, a poll object watching the pidfd)
+        self._fds: dict[tuple[int, int], tuple[int, int, select.poll]] = {}
         self._lock = threading.Lock()
 
     def alive(self, host: str, pid: int, start: int, strict: bool = False) -> bool:
@@ -74,21 +75,22 @@ class ProcWatch:
                 if fds is None:
                     return False
                 self._fds[key] = fds
-            pidfd, statfd = fds
+            pidfd, statfd, poller = fds
             if strict:  # the stat read also sees an exited process: a zombie, or gone (ESRCH)
                 try:
                     dead = _parse_stat(os.pread(statfd, 1024, 0)) != start
                 except OSError:  # reaped
                     dead = True
             else:
-                dead = bool(select.select([pidfd], [], [], 0)[0])
+                dead = bool(poller.poll(0))
             if dead:
-                for fd in self._fds.pop(key):
-                    os.close(fd)
+                del self._fds[key]
+                os.close(pidfd)
+                os.close(statfd)
             return not dead
 
     @staticmethod
-    def _open(pid: int, start: int) -> tuple[int, int] | None:
+    def _open(pid: int, start: int) -> tuple[int, int, select.poll] | None:
         try:
             statfd = os.open(f"/proc/{pid}/task/{pid}/stat", os.O_RDONLY)
         except OSError:
@@ -106,11 +108,13 @@ class ProcWatch:
             os.close(statfd)
             os.close(pidfd)
             return None
-        return pidfd, statfd
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return pidfd, statfd, poller
 
     def close(self) -> None:
         with self._lock:
-            for fds in self._fds.values():
-                for fd in fds:
-                    os.close(fd)
+            for pidfd, statfd, _ in self._fds.values():
+                os.close(pidfd)
+                os.close(statfd)
             self._fds.clear()

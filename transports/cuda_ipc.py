@@ -5,15 +5,15 @@ GPUs (over NVLink / PCIe peer access where the driver has it).
                            holds the cache (+ byte offset, device UUID) goes into the BufferDesc
             describe()     syncs the source's current stream: the engine's writes are visible
     dest:   pull()         open the handle once per (peer, buffer) and cache it (a first open
-                           costs 0.15-0.22 s; later pulls ~tens of µs), then copy the block runs on
-                           a side stream of the destination device (``torch._foreach_copy_``
-                           for many runs on one device), record an event
+                           costs 0.15-0.22 s; later pulls ~tens of µs), then queue a copy of
+                           each block run after the caller's current stream, record an event
             poll()         event.query(); then liveness + checksums → DONE
 
-Launching: with cupy installed (``runtime="auto"`` or ``"cupy"``) the copies, the stream wait
-and the events go through cupy's CUDA runtime bindings, a few µs per call; without it (or with
-``runtime="torch"``) through torch's stream and event objects, whose Python helpers cost tens
-of µs per pull. Both use the same raw streams and move the same bytes.
+Launching: with cupy installed (``runtime="auto"`` or ``"cupy"``) the copies and the event go
+through cupy's CUDA runtime bindings, a few µs per call, on the caller's current stream of the
+destination device; without it (or with ``runtime="torch"``) through torch's stream and event
+objects, whose Python helpers cost tens of µs per pull, on a side stream made to wait for the
+caller's (``torch._foreach_copy_`` for many runs on one device). Both move the same bytes.
 
 Devices are matched by UUID, so workers may see GPUs under different indices
 (CUDA_VISIBLE_DEVICES per actor); the source's GPU must be visible to the destination. Across
@@ -77,16 +77,20 @@ class CudaIpcTransfer(Transfer):
     def wait(self, timeout: float) -> None:
         """Queued copies need no peer and run at >= 1 GB/s on any GPU link: when they fit the
         timeout at that rate, wait for them in the driver (a blocking event sync, GIL released),
-        which sees the end ~15 µs sooner than polling from Python, and finish right here."""
+        which sees the end ~15 µs sooner than polling from Python, and finish right here.
+        The strict liveness read (/proc, 3-5 µs) is made while the copies run; once they have
+        landed, the source's pidfd (~0.5 µs) says it had not exited by then."""
         sync = self._sync
         if sync is not None and self.nbytes <= timeout * 1e9:
+            b = self.desc.buffer
+            early = self.nbytes >= 1 << 20 and self._peer_alive(b.host, b.pid, b.pid_start, True)
             try:
                 sync()
             except Exception:  # the event was recycled meanwhile (another thread finished us)
                 pass
             else:
                 self._synced = True  # finishing needs no event query
-                self._progress()
+                self._progress(False if early else None)  # a dead or dying source: strict again, FAILED
                 if self._state is TransferState.DONE:
                     return
         super().wait(timeout)  # FAILED raises there; else (another thread finishing) it waits
@@ -98,12 +102,12 @@ class CudaIpcTransfer(Transfer):
         self._quiet = False
         self._state = TransferState.TRANSFERRING
 
-    def _progress(self) -> None:
+    def _progress(self, strict: bool | None = None) -> None:
         with self._cond:
             if self._state.terminal or self._done is None or not self._done(self._synced):
                 return
             self.bytes_done = self.nbytes
-            self._landed()  # DONE or FAILED, waiters notified (they wake once this lock is free)
+            self._landed(strict)  # DONE or FAILED, waiters notified (they wake once this lock is free)
             self._src = self._done = self._sync = None
             self._quiet = True  # nothing queued writes into dst any more: no second notify
 
@@ -154,8 +158,12 @@ class _TorchLauncher:
 
 
 class _CupyLauncher:
-    """Copies queued with cupy's CUDA runtime bindings: cudaMemcpyAsync per run on a side stream
-    of the destination device, ordered after the caller's current torch stream by an event."""
+    """Copies queued with cupy's CUDA runtime bindings: cudaMemcpyAsync per run on the caller's
+    current torch stream of the destination device, then a completion event. The stream orders
+    them after the caller's queued work, with no event or query to pay per pull (a side stream
+    would need one of those: ~2 µs each on an H200 host); the caller's later work on that
+    stream runs after them, so a caller that must not wait (a decode worker) pulls from a stream
+    of its own."""
 
     name = "cupy"
 
@@ -163,9 +171,8 @@ class _CupyLauncher:
         from cupy.cuda import runtime as rt  # ImportError: no cupy
         self.rt = rt
         self._lock = threading.Lock()
-        self._streams: dict[int, tuple[int, int]] = {}   # device -> (side stream, "after" event)
-        self._free: dict[int, list[int]] = {}           # device -> idle completion events
-        self._events: list[tuple[int, int]] = []         # every event made (device, handle)
+        self._free: dict[int, list[int]] = {}    # device -> idle completion events
+        self._events: list[tuple[int, int]] = []  # every event made (device, handle)
         self._peers: set[tuple[int, int]] = set()
 
     def _on(self, index: int):
@@ -174,18 +181,14 @@ class _CupyLauncher:
             self.rt.setDevice(index)
         return prev
 
-    def _setup(self, index: int, src_index: int) -> tuple[int, int]:
+    def _setup(self, index: int, src_index: int) -> None:
         rt = self.rt
-        prev = self._on(index)
-        try:
-            got = self._streams.get(index)
-            if got is None:
-                side = rt.streamCreateWithFlags(rt.streamNonBlocking)
-                after = rt.eventCreateWithFlags(rt.eventDisableTiming)
-                got = self._streams[index] = (side, after)
-                self._events.append((index, after))
-                self._free[index] = []
-            if src_index != index and (index, src_index) not in self._peers:
+        with self._lock:
+            self._free.setdefault(index, [])
+            if src_index == index or (index, src_index) in self._peers:
+                return
+            prev = rt.getDevice()
+            try:
                 # Peer access both ways where the GPUs have it. The source's memory is opened into
                 # the source device's context, and a copy out of it goes peer to peer only if that
                 # device may reach ours; else the driver stages it through the host: 213 MB
@@ -200,43 +203,38 @@ class _CupyLauncher:
                     except rt.CUDARuntimeError as e:
                         if "PeerAccessAlreadyEnabled" not in str(e):
                             raise
-                self._on(index)
                 self._peers.add((index, src_index))
-            return got
-        finally:
-            if prev != index:
+            finally:
                 rt.setDevice(prev)
 
     def launch(self, src: _Mem, dst: _Mem, runs) -> tuple:
         rt = self.rt
         index, src_index = dst.index, src.index
-        # one launch at a time: the "after" event is recorded and waited on as a pair
-        with self._lock:
-            if index not in self._streams or (src_index != index and (index, src_index) not in self._peers):
-                self._setup(index, src_index)
-            side, after = self._streams[index]
+        free = self._free.get(index)
+        if free is None or (src_index != index and (index, src_index) not in self._peers):
+            self._setup(index, src_index)
             free = self._free[index]
-            prev = self._on(index)
-            try:
-                done_ev = free.pop() if free else None
-                if done_ev is None:
-                    done_ev = rt.eventCreateWithFlags(rt.eventDisableTiming)
+        prev = self._on(index)
+        try:
+            stream = torch._C._cuda_getCurrentRawStream(index)  # the caller's
+            sp, dp = src.ptr, dst.ptr
+            for s, d, n in runs:
+                rt.memcpyAsync(dp + d, sp + s, n, rt.memcpyDefault, stream)
+            try:  # (the copies run meanwhile)
+                done_ev = free.pop()
+            except IndexError:
+                done_ev = rt.eventCreateWithFlags(rt.eventDisableTiming)
+                with self._lock:
                     self._events.append((index, done_ev))
-                rt.eventRecord(after, torch._C._cuda_getCurrentRawStream(index))  # the caller's stream
-                rt.streamWaitEvent(side, after, 0)
-                sp, dp = src.ptr, dst.ptr
-                for s, d, n in runs:
-                    rt.memcpyAsync(dp + d, sp + s, n, rt.memcpyDefault, side)
-                rt.eventRecord(done_ev, side)
-            finally:
-                if prev != index:
-                    rt.setDevice(prev)
+            rt.eventRecord(done_ev, stream)
+        finally:
+            if prev != index:
+                rt.setDevice(prev)
 
         def done(synced: bool = False) -> bool:
             if not synced and rt.eventQuery(done_ev) != 0:
                 return False
-            with self._lock:
-                free.append(done_ev)  # called once: the transfer then drops this closure
+            free.append(done_ev)  # called once (the transfer then drops this closure); atomic
             return True
 
         return done, lambda: rt.eventSynchronize(done_ev)
@@ -244,15 +242,12 @@ class _CupyLauncher:
     def close(self) -> None:
         rt = self.rt
         with self._lock:
-            for index, (side, _) in self._streams.items():
-                prev = self._on(index)
-                rt.streamSynchronize(side)
-                rt.streamDestroy(side)
-                if prev != index:
-                    rt.setDevice(prev)
             for _, ev in self._events:
-                rt.eventDestroy(ev)
-            self._streams.clear()
+                try:
+                    rt.eventSynchronize(ev)  # copies still queued (pulls nobody waited for) end first
+                    rt.eventDestroy(ev)
+                except rt.CUDARuntimeError as e:  # a broken context: nothing left to release
+                    log.debug("cuda_ipc: event release failed: %r", e)
             self._events.clear()
             self._free.clear()
 

@@ -186,10 +186,12 @@ class Transfer:
             self._quiet = True
             self._cond.notify_all()
 
-    def _landed(self) -> None:
-        """Every byte is in dst: check the source was alive throughout, then the checksums."""
+    def _landed(self, strict: bool | None = None) -> None:
+        """Every byte is in dst: check the source was alive throughout, then the checksums.
+        ``strict``: also see a source that is dying but not yet gone (a /proc read, µs; default:
+        for pulls from 1 MiB up, long enough for a source to start dying during them)."""
         b = self.desc.buffer
-        if not self._peer_alive(b.host, b.pid, b.pid_start, self.nbytes >= 1 << 20):
+        if not self._peer_alive(b.host, b.pid, b.pid_start, self.nbytes >= 1 << 20 if strict is None else strict):
             self._fail(PeerLostError(f"source process {b.pid} ({b.agent}) died during the transfer"))
             return
         if self.desc.checksums:
