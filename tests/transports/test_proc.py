@@ -54,3 +54,22 @@ def test_a_watched_process_reaped_between_checks_is_dead_for_both_checks():
         assert not w.alive(HOSTNAME, p.pid, start, strict)
         assert not w._fds, "the dead process's fds stay open"
         w.close()
+
+
+def test_the_pidfd_check_sees_a_killed_process_before_it_is_reaped():
+    """The cheap check (a poll of the cached pidfd) of a process that exited but is still a
+    zombie: dead, and its fds are released."""
+    w = ProcWatch()
+    p = _sleeper()
+    try:
+        start = start_ticks(p.pid)
+        assert w.alive(HOSTNAME, p.pid, start)  # cached: pidfd, stat fd, poll object
+        os.kill(p.pid, signal.SIGKILL)
+        _until(lambda: not w.alive(HOSTNAME, p.pid, start))
+        with open(f"/proc/{p.pid}/stat") as f:  # nobody has reaped it: a zombie
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        assert not w._fds, "the dead process's fds stay open"
+    finally:
+        p.kill()
+        p.wait()
+        w.close()
