@@ -9,11 +9,13 @@ GPUs (over NVLink / PCIe peer access where the driver has it).
                            each block run after the caller's current stream, record an event
             poll()         event.query(); then liveness + checksums → DONE
 
-Launching: with cupy installed (``runtime="auto"`` or ``"cupy"``) the copies and the event go
-through cupy's CUDA runtime bindings, a few µs per call, on the caller's current stream of the
-destination device; without it (or with ``runtime="torch"``) through torch's stream and event
-objects, whose Python helpers cost tens of µs per pull, on a side stream made to wait for the
-caller's (``torch._foreach_copy_`` for many runs on one device). Both move the same bytes.
+Launching: the copies and a completion event are queued on the caller's current stream of the
+destination device, which orders them after the caller's queued work (a caller whose later work
+must not wait for them pulls from a stream of its own, as decode workers do). With cupy
+installed (``runtime="auto"`` or ``"cupy"``) through cupy's CUDA runtime bindings, a few µs per
+call; without it (or with ``runtime="torch"``) through torch's copies and event objects
+(``torch._foreach_copy_`` for many runs on one device), whose Python helpers cost more. Both
+move the same bytes.
 
 Devices are matched by UUID, so workers may see GPUs under different indices
 (CUDA_VISIBLE_DEVICES per actor); the source's GPU must be visible to the destination. Across
@@ -123,38 +125,30 @@ class CudaIpcTransfer(Transfer):
 
 
 class _TorchLauncher:
-    """Copies queued with torch ops on a side stream of the destination device."""
+    """Copies queued with torch ops on the caller's current stream of the destination device (a
+    copy between two GPUs runs on the source device's current stream, which torch orders both
+    ways with the destination's), then an event on the destination's stream."""
 
     name = "torch"
 
-    def __init__(self):
-        self._streams: dict[int, torch.cuda.Stream] = {}
-
     def launch(self, src_mem: _Mem, dst_mem: _Mem, runs) -> tuple:
         src, dst = src_mem.tensor, dst_mem.tensor
-        stream = self._streams.get(dst_mem.index)
-        if stream is None:
-            stream = self._streams[dst_mem.index] = torch.cuda.Stream(dst.device)
-        stream.wait_stream(torch.cuda.current_stream(dst.device))  # after the caller's work on dst
-        with torch.cuda.stream(stream):  # (also makes the stream's device current)
-            dsts = [dst[d:d + n] for _, d, n in runs]    # [n] uint8 views
-            srcs = [src[s:s + n] for s, _, n in runs]
-            if src_mem.index == dst_mem.index and len(runs) > 1:
-                if all(s % 8 == 0 and d % 8 == 0 and n % 8 == 0 for s, d, n in runs):
-                    dsts = [t.view(torch.int64) for t in dsts]  # 8-byte elements: wide loads
-                    srcs = [t.view(torch.int64) for t in srcs]
-                torch._foreach_copy_(dsts, srcs, non_blocking=True)  # few launches for many blocks
-            else:
-                for a, b in zip(dsts, srcs):
-                    a.copy_(b, non_blocking=True)  # peer copy when the devices differ
-            event = torch.cuda.Event()
-            event.record(stream)
+        dsts = [dst[d:d + n] for _, d, n in runs]    # [n] uint8 views
+        srcs = [src[s:s + n] for s, _, n in runs]
+        if src_mem.index == dst_mem.index and len(runs) > 1:
+            if all(s % 8 == 0 and d % 8 == 0 and n % 8 == 0 for s, d, n in runs):
+                dsts = [t.view(torch.int64) for t in dsts]  # 8-byte elements: wide loads
+                srcs = [t.view(torch.int64) for t in srcs]
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)  # few launches for many blocks
+        else:
+            for a, b in zip(dsts, srcs):
+                a.copy_(b, non_blocking=True)  # peer copy when the devices differ
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(dst.device))
         return (lambda synced=False: synced or event.query()), event.synchronize
 
     def close(self) -> None:
-        for s in self._streams.values():
-            s.synchronize()
-        self._streams.clear()
+        pass  # nothing of its own: the transport has finished or aborted every pull
 
 
 class _CupyLauncher:
