@@ -204,9 +204,10 @@ class Transport(abc.ABC):
         Raises TransferError only for misuse: closed transport, foreign descriptor, bad ids.
         CUDA destinations: the bytes land after the work queued on the caller's current stream
         (of ``dst``'s device) when ``pull`` is called, and wait for no other stream; once DONE
-        they are visible to any stream. A caller whose blocks have no queued work (a decode
-        worker's freshly claimed blocks) pulls from an idle stream, so that the copy need not
-        wait for the engine's steps."""
+        they are visible to any stream. A medium may queue the copies on that stream itself
+        (cuda_ipc does), so work queued on it after ``pull`` may wait for them. A caller whose
+        blocks have no queued work (a decode worker's freshly claimed blocks) pulls from an idle
+        stream of its own, so that the copy neither waits for the engine's steps nor holds them up."""
         self._check_open()
         if desc.buffer.transport != self.name:
             raise TransferError(f"descriptor from transport {desc.buffer.transport!r} "
