@@ -131,8 +131,12 @@ class _TorchLauncher:
 
     name = "torch"
 
+    def __init__(self):
+        self._devices: set[int] = set()  # where copies were queued (close waits for them)
+
     def launch(self, src_mem: _Mem, dst_mem: _Mem, runs) -> tuple:
         src, dst = src_mem.tensor, dst_mem.tensor
+        self._devices.update((src_mem.index, dst_mem.index))
         dsts = [dst[d:d + n] for _, d, n in runs]    # [n] uint8 views
         srcs = [src[s:s + n] for s, _, n in runs]
         if src_mem.index == dst_mem.index and len(runs) > 1:
@@ -148,7 +152,10 @@ class _TorchLauncher:
         return (lambda synced=False: synced or event.query()), event.synchronize
 
     def close(self) -> None:
-        pass  # nothing of its own: the transport has finished or aborted every pull
+        """Wait for copies still queued (pulls nobody waited for) before the sources are closed."""
+        for index in self._devices:
+            torch.cuda.synchronize(index)
+        self._devices.clear()
 
 
 class _CupyLauncher:
