@@ -105,6 +105,7 @@ class Pipeline:
 
     def _init(self) -> None:
         self.actors: list = []
+        self._actor_names: list[str] = []  # their Ray names: shutdown() returns once they are gone
         self.router = None
         self.url: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,8 +134,9 @@ class Pipeline:
                 # IPC / NCCL); each uses the one Ray assigned it (workers/worker.py)
                 env = ({"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
                        if rs.num_gpus > 0 else None)
+                self._actor_names.append(f"lmdisagg-{tag}-{wid}")
                 actor_cls = ray.remote(cls).options(
-                    name=f"lmdisagg-{tag}-{wid}", namespace=cfg.ray.namespace, num_cpus=rs.num_cpus,
+                    name=self._actor_names[-1], namespace=cfg.ray.namespace, num_cpus=rs.num_cpus,
                     num_gpus=rs.num_gpus, resources=dict(rs.resources) or None, max_concurrency=1000,
                     max_restarts=0, runtime_env=env)
                 self.actors.append(actor_cls.remote(wid, _engine_config(cfg, rs), transport, timeouts,
@@ -269,6 +271,17 @@ class Pipeline:
                 pass
             ray.kill(a, no_restart=True)
         self.actors.clear()
+        # ray.kill returns before the GCS has the actors dead: wait until their names are free
+        names, self._actor_names = set(self._actor_names), []
+        deadline = time.monotonic() + 15
+        while names and ray.is_initialized():
+            left = names & {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                log.warning("workers %s were still registered 15 s after they were killed", sorted(left))
+                break
+            time.sleep(0.05)
         if self._owns_ray:  # (left to interpreter exit, Ray's two agent processes outlive it)
             self._owns_ray = False
             ray.shutdown()
