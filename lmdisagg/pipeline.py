@@ -275,7 +275,11 @@ class Pipeline:
         names, self._actor_names = set(self._actor_names), []
         deadline = time.monotonic() + 15
         while names and ray.is_initialized():
-            left = names & {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+            try:
+                left = names & {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+            except Exception as e:  # noqa: BLE001 - the cluster is gone: nothing left to wait for
+                log.warning("could not list the cluster's actors after shutdown: %r", e)
+                break
             if not left:
                 break
             if time.monotonic() > deadline:
