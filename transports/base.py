@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import logging
 import threading
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -259,6 +260,19 @@ class Transport(abc.ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise TransferError(f"transport {self.agent} is closed")
+
+
+def warn_torch_path(medium: str, why: str, cost: str) -> None:
+    """A CUDA medium left on ``runtime="auto"`` found no cupy and launches through torch: say so,
+    with the cost and the fix, instead of falling back silently (slow paths nobody noticed are
+    what users of other KV connectors trip on). Choosing ``runtime="torch"`` says nothing."""
+    import torch
+    cuda = torch.version.cuda
+    extra = (f"'lmdisagg[cu{cuda.split('.')[0]}]' (cupy for torch's CUDA {cuda})" if cuda
+             else "'lmdisagg[cu12]' or 'lmdisagg[cu13]' (cupy matching torch's CUDA)")
+    logging.getLogger(__name__).warning(
+        "%s: %s, so it launches through torch (runtime='torch'): %s. pip install %s for the cupy "
+        "path, or pass runtime='torch' to choose this one", medium, why, cost, extra)
 
 
 def _uint8():

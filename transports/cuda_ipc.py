@@ -38,7 +38,7 @@ import torch
 from lmdisagg.transports._blocks import byte_runs
 from lmdisagg.transports.base import (
     Buffer, ChunkDesc, PeerLostError, Transfer, TransferCorruptError, TransferError, Transport,
-    TransferState, failed_transfer,
+    TransferState, failed_transfer, warn_torch_path,
 )
 
 log = logging.getLogger(__name__)
@@ -268,10 +268,13 @@ class CudaIpcTransport(Transport):
         if runtime != "torch":
             try:
                 self.launcher = _CupyLauncher()
-            except ImportError:
+            except (ImportError, OSError) as e:
+                why = f"cupy does not load ({type(e).__name__}: {e})"
                 if runtime == "cupy":
-                    raise TransferError("cuda_ipc runtime='cupy' needs cupy (pip install cupy-cuda12x "
-                                        "or cupy-cuda13x, matching torch's CUDA)") from None
+                    raise TransferError(f"cuda_ipc runtime='cupy' needs cupy (pip install 'lmdisagg[cu12]' "
+                                        f"or 'lmdisagg[cu13]', matching torch's CUDA): {why}") from None
+                warn_torch_path("cuda_ipc", why, "torch's copies and events cost more host time per pull "
+                                "(a 4 KiB pull on 2xH200: ~40-50 µs against ~18-37 µs through cupy)")
         if self.launcher is None:
             self.launcher = _TorchLauncher()
         self._uuids = {device_uuid(i): i for i in range(torch.cuda.device_count())}
