@@ -23,8 +23,8 @@ worker makes no such copy, so this pull shows the rate it gets from the transpor
 the oldest finishes, into the blocks that one filled): the rate a loaded decode worker sees when
 several requests' KV moves at once, measured as ib_write_bw and nccl-tests do (many operations
 back to back, in flight, one clock around them all); its limit is PULLS raw copies into the same
-regions queued back to back, then one sync. Sizes whose DEPTH copies do not fit the largest
-payload get no sustained figures.
+regions queued back to back, then one sync. GPU-to-GPU media (cuda_ipc, nccl) get them at every
+size; host-staged and CPU media only for sizes whose DEPTH copies fit the largest payload.
 ``raw_nccl_*`` (nccl rows launched through cupy): NCCL's own rate on the link, the transport's
 ceiling: send/recv between the two processes over a communicator of their own, no transport and
 no control messages, timed on the sender's GPU around its sends (one message, and
@@ -351,11 +351,15 @@ def sustained(tx, src, dst, size, block, limit, tcp_source) -> dict:
 def bench_medium(label, spec, sizes, tcp_source):
     name, options, src_dev, dst_dev, limit = spec
     top = max(sizes)
-    src = Source(name, options, src_dev, top)
+    # GPU-to-GPU media hold DEPTH regions of the largest payload, so that every size gets
+    # sustained figures; host-staged ones one (their /dev/shm mirror and pinned limit buffers
+    # would need DEPTH times as much host memory)
+    span = DEPTH * top if limit in ("D2D copy", "peer copy") else top
+    src = Source(name, options, src_dev, span)
     tx = create_transport(name, **options)
     # the destination is a decode engine's cache in its own (default) memory; pages faulted in,
     # as a running worker's cache is
-    dst = tx.register(torch.zeros(top, dtype=torch.uint8, device=dst_dev))
+    dst = tx.register(torch.zeros(span, dtype=torch.uint8, device=dst_dev))
     # how it launches: cuda_ipc's launcher, nccl's runtime ("cupy" or "torch")
     launcher = getattr(getattr(tx, "launcher", None), "name", None) or getattr(tx, "runtime", None)
     raw = None
