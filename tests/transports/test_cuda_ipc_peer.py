@@ -74,3 +74,59 @@ def test_a_cross_gpu_pull_enables_peer_access_from_the_source_device(runtime):
     assert status == "ok", got
     assert got == want, "the pulled blocks differ from the source's"
     assert reach == "enabled", f"peer access cuda:0 -> cuda:1 after a {runtime} pull: {reach}"
+
+
+def destination_without_peer_access(conn, desc) -> None:
+    """A destination whose torch reports no peer access between the GPUs (as on a host without
+    P2P, where the driver stages such copies through host memory): it must say so, and pull."""
+    try:
+        import logging
+
+        import torch
+
+        from lmdisagg.transports import create_transport
+        from lmdisagg.transports._blocks import block_checksums
+        records: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger("lmdisagg.transports").addHandler(Keep(logging.WARNING))
+        torch.cuda.can_device_access_peer = lambda a, b: False  # the query the transport asks
+        tx = create_transport("cuda_ipc")
+        n = len(desc.block_ids)
+        dst = tx.register(torch.zeros(n * desc.block_nbytes, dtype=torch.uint8, device="cuda:1"))
+        for _ in range(2):  # the warning comes with the first open of the source's buffer only
+            tx.pull(desc, dst, list(range(n))).wait(60)
+        got = list(block_checksums(dst.flat, list(range(n)), desc.block_nbytes))
+        tx.close()
+        conn.send(("ok", got, records))
+    except Exception as e:
+        conn.send(("err", repr(e), None))
+
+
+def test_a_source_gpu_without_peer_access_is_named_in_a_warning():
+    need_devices("cuda:0", "cuda:1")
+    peer = Peer("cuda_ipc-2gpu")
+    try:
+        block = 1 << 20
+        bid = peer.call("raw", 4 * block, 5)
+        desc, want = peer.call("describe", bid, list(range(4)), block, False)
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=destination_without_peer_access, args=(child, desc), daemon=True)
+        proc.start()
+        try:
+            assert conn.poll(120), "the destination process did not answer"
+            status, got, records = conn.recv()
+            proc.join(60)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+    finally:
+        peer.stop()
+    assert status == "ok", got
+    assert got == want, "the pulled blocks differ from the source's"
+    slow = [r for r in records if "has no peer access" in r]
+    assert len(slow) == 1 and "GPU 0" in slow[0] and "GPU 1" in slow[0], records
