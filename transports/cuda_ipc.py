@@ -13,15 +13,16 @@ Launching: the copies and a completion event are queued on the caller's current 
 destination device, which orders them after the caller's queued work (a caller whose later work
 must not wait for them pulls from a stream of its own, as decode workers do). With cupy
 installed (``runtime="auto"`` or ``"cupy"``) through cupy's CUDA runtime bindings, a few µs per
-call; without it (or with ``runtime="torch"``) through torch's copies and event objects
-(``torch._foreach_copy_`` for many runs on one device), whose Python helpers cost more. Both
-move the same bytes.
+call; without it (``runtime="auto"`` then logs a warning) or with ``runtime="torch"``, through
+torch's copies and event objects (``torch._foreach_copy_`` for many runs on one device), whose
+Python helpers cost more. Both move the same bytes.
 
 Devices are matched by UUID, so workers may see GPUs under different indices
 (CUDA_VISIBLE_DEVICES per actor); the source's GPU must be visible to the destination. Across
 GPUs, peer access is enabled both ways (a copy out of IPC-opened memory goes peer to peer only if
 the source's device may reach ours); GPUs without it get the driver's copies staged through host
-memory, and a warning when their first buffer is opened (untested here: every lent GPU pair peers).
+memory, and a warning when their first buffer is opened (tested with torch told that the GPUs
+do not peer: every lent GPU pair does, so the staged copies themselves are not).
 Enqueued copies cannot be cancelled: ``abort`` waits for them (milliseconds). A transfer whose
 source died before it completed is FAILED: IPC memory of a dead process is not to be trusted.
 """

@@ -14,7 +14,8 @@ until the pair breaks (then the next pull makes a new epoch):
             µs per window on each side.
     torch   a 2-rank torch.distributed group over ``PrefixStore("<dst agent>/<epoch>", source's
             store)``: gloo for CPU buffers; NCCL without cupy (or ``runtime="torch"``), whose
-            per-op Python and bookkeeping cost ~60-90 µs per window on each side.
+            per-op Python and bookkeeping cost ~60-90 µs per window on each side (runtime
+            "auto" logs a warning when it falls back to this for want of cupy).
 
 A pull is cut into windows (<= ``window_nbytes``). For each window, in one order per pair (NCCL
 p2p ops of a pair must match in order)::
