@@ -3,6 +3,7 @@
     lmdisagg model fetch smollm2-135m        download + convert once; prints the model dir last
     lmdisagg model list                      known names and what is cached
     lmdisagg generate --model M --prompt P [--chat] [--max-tokens N] [--temperature T] [--json]
+    lmdisagg transports [--json]             which KV transports work here, and how they launch
 
 Subcommands of later layers (serve, simulate) register themselves in ``COMMANDS``.
 """
@@ -46,6 +47,13 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_transports(args) -> int:
+    from lmdisagg.transports.report import format_report, report
+    r = report()
+    print(json.dumps(r, indent=1) if args.json else format_report(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmdisagg", description=__doc__.split("\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -72,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-tokens", type=int, default=256)
     g.add_argument("--json", action="store_true", help="print one JSON line")
     g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("transports", help="which KV transports work on this machine, and how they launch")
+    t.add_argument("--json", action="store_true", help="print the report as JSON")
+    t.set_defaults(func=_cmd_transports)
 
     for register in COMMANDS:
         register(sub)
