@@ -45,25 +45,20 @@ def destination(conn, desc, runtime: str) -> None:
         conn.send(("err", repr(e), None))
 
 
-@pytest.mark.parametrize("runtime", ["cupy", "torch"])
-def test_a_cross_gpu_pull_enables_peer_access_from_the_source_device(runtime):
-    need_devices("cuda:0", "cuda:1")
-    pytest.importorskip("cupy")  # the probe of CUDA's peer state (and the cupy runtime) need it
-    import torch
-    if not torch.cuda.can_device_access_peer(0, 1):
-        pytest.skip("cuda:0 has no peer access to cuda:1 on this machine")
+def pull_in_fresh_process(target, nblocks: int, block: int, seed: int, *args):
+    """Blocks of a cuda_ipc-2gpu peer (cuda:0) pulled by ``target(conn, desc, *args)`` in a fresh
+    spawned process (cuda:1); returns (the source's block digests, what the target sent)."""
     peer = Peer("cuda_ipc-2gpu")
     try:
-        block = 2 << 20
-        bid = peer.call("raw", 8 * block, 7)
-        desc, want = peer.call("describe", bid, list(range(8)), block, False)
+        bid = peer.call("raw", nblocks * block, seed)
+        desc, want = peer.call("describe", bid, list(range(nblocks)), block, False)
         ctx = mp.get_context("spawn")
         conn, child = ctx.Pipe()
-        proc = ctx.Process(target=destination, args=(child, desc, runtime), daemon=True)
+        proc = ctx.Process(target=target, args=(child, desc, *args), daemon=True)
         proc.start()
         try:
             assert conn.poll(120), "the destination process did not answer"
-            status, got, reach = conn.recv()
+            answer = conn.recv()
             proc.join(60)
         finally:
             if proc.is_alive():
@@ -71,6 +66,17 @@ def test_a_cross_gpu_pull_enables_peer_access_from_the_source_device(runtime):
                 proc.join(10)
     finally:
         peer.stop()
+    return want, answer
+
+
+@pytest.mark.parametrize("runtime", ["cupy", "torch"])
+def test_a_cross_gpu_pull_enables_peer_access_from_the_source_device(runtime):
+    need_devices("cuda:0", "cuda:1")
+    pytest.importorskip("cupy")  # the probe of CUDA's peer state (and the cupy runtime) need it
+    import torch
+    if not torch.cuda.can_device_access_peer(0, 1):
+        pytest.skip("cuda:0 has no peer access to cuda:1 on this machine")
+    want, (status, got, reach) = pull_in_fresh_process(destination, 8, 2 << 20, 7, runtime)
     assert status == "ok", got
     assert got == want, "the pulled blocks differ from the source's"
     assert reach == "enabled", f"peer access cuda:0 -> cuda:1 after a {runtime} pull: {reach}"
@@ -107,25 +113,7 @@ def destination_without_peer_access(conn, desc) -> None:
 
 def test_a_source_gpu_without_peer_access_is_named_in_a_warning():
     need_devices("cuda:0", "cuda:1")
-    peer = Peer("cuda_ipc-2gpu")
-    try:
-        block = 1 << 20
-        bid = peer.call("raw", 4 * block, 5)
-        desc, want = peer.call("describe", bid, list(range(4)), block, False)
-        ctx = mp.get_context("spawn")
-        conn, child = ctx.Pipe()
-        proc = ctx.Process(target=destination_without_peer_access, args=(child, desc), daemon=True)
-        proc.start()
-        try:
-            assert conn.poll(120), "the destination process did not answer"
-            status, got, records = conn.recv()
-            proc.join(60)
-        finally:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-    finally:
-        peer.stop()
+    want, (status, got, records) = pull_in_fresh_process(destination_without_peer_access, 4, 1 << 20, 5)
     assert status == "ok", got
     assert got == want, "the pulled blocks differ from the source's"
     slow = [r for r in records if "has no peer access" in r]
