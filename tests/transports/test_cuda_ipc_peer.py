@@ -9,10 +9,12 @@ staged through the host: 36 GB/s against 295 GB/s on 2xH200 (probes of serving p
 times it). Which peer access a process holds is CUDA's own state: enabling it again answers
 cudaErrorPeerAccessAlreadyEnabled. Any copy between the two devices made by torch enables it as
 a side effect, so the destination runs in a process of its own, fresh: nothing there has made one
-before the transport does."""
+before the transport does. The same way: a destination that sees the GPUs in another order (they
+are matched by UUID), and one whose torch reports no peer access (named in a warning)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import pytest
 
@@ -118,3 +120,35 @@ def test_a_source_gpu_without_peer_access_is_named_in_a_warning():
     assert got == want, "the pulled blocks differ from the source's"
     slow = [r for r in records if "has no peer access" in r]
     assert len(slow) == 1 and "GPU 0" in slow[0] and "GPU 1" in slow[0], records
+
+
+def destination_with_gpus_reordered(conn, desc) -> None:
+    """A destination that sees the node's GPUs in the other order (CUDA_VISIBLE_DEVICES=1,0, as
+    a worker given another mask may): the source's GPU 0 is its cuda:1, matched by UUID."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = "1,0"  # read when CUDA initializes, later in this process
+    try:
+        import torch
+
+        from lmdisagg.transports import create_transport
+        from lmdisagg.transports._blocks import block_checksums
+        tx = create_transport("cuda_ipc")
+        n = len(desc.block_ids)
+        dst = tx.register(torch.zeros(n * desc.block_nbytes, dtype=torch.uint8, device="cuda:0"))
+        tx.pull(desc, dst, list(range(n))).wait(60)
+        got = list(block_checksums(dst.flat, list(range(n)), desc.block_nbytes))
+        opened_on = tx._opened[(desc.buffer.agent, desc.buffer.buffer_id)].index
+        mask_holds = desc.buffer.address == str(torch.cuda.get_device_properties(1).uuid)  # cuda_ipc's address: the GPU's UUID
+        tx.close()
+        conn.send(("ok", got, (opened_on, mask_holds)))
+    except Exception as e:
+        conn.send(("err", repr(e), None))
+
+
+def test_workers_that_see_the_gpus_in_another_order_still_pull_across_them():
+    need_devices("cuda:0", "cuda:1")
+    want, (status, got, seen) = pull_in_fresh_process(destination_with_gpus_reordered, 4, 1 << 20, 9)
+    assert status == "ok", got
+    assert got == want, "the pulled blocks differ from the source's"
+    opened_on, mask_holds = seen
+    assert mask_holds, "CUDA_VISIBLE_DEVICES=1,0 did not reorder the destination's GPUs"
+    assert opened_on == 1, "the source's memory must be opened on its own GPU, cuda:1 in this view"
