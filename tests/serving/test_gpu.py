@@ -1,5 +1,5 @@
 """Disaggregated serving on two GPUs: prefill on one, decode on the other, KV moved by cuda_ipc
-(peer copies) or nccl (NCCL), deployed through the Python API. Every request returns exactly the
+(peer copies), nccl (NCCL) or shm (staged through host memory), deployed through the Python API. Every request returns exactly the
 tokens one engine returns, and the KV came over the transport (no recompute).
 
 The model is the SmolLM2 shape with seeded random weights: the real model cannot be fetched on
@@ -18,7 +18,7 @@ MODEL = "smollm2-135m-dummy"
 ENGINE = {"device": "cuda", "dtype": "float32", "chunk_tokens": 16, "kv_cache_bytes": 1 << 28, "max_model_len": 1024}
 
 
-@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl"])
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl", "shm"])
 def test_two_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, transport):
     import torch
     if torch.cuda.device_count() < 2:
