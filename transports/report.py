@@ -57,12 +57,17 @@ def _cupy() -> dict:
 def _gpus() -> dict:
     import torch
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": []}
-    if not torch.cuda.is_available():
+    try:
+        if not torch.cuda.is_available():
+            return out
+        n = torch.cuda.device_count()
+        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(n)]
+        # a cross-GPU cuda_ipc pull runs peer to peer only where the source's GPU reaches ours
+        out["peer_access"] = [[i == j or torch.cuda.can_device_access_peer(i, j) for j in range(n)]
+                              for i in range(n)]
+    except Exception as e:  # a broken driver or device: when this report is wanted most
+        out["gpu_error"] = f"{type(e).__name__}: {e}"
         return out
-    n = torch.cuda.device_count()
-    out["gpus"] = [torch.cuda.get_device_name(i) for i in range(n)]
-    # a cross-GPU cuda_ipc pull runs peer to peer only where the source's GPU reaches ours
-    out["peer_access"] = [[i == j or torch.cuda.can_device_access_peer(i, j) for j in range(n)] for i in range(n)]
     with contextlib.suppress(Exception):
         out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     return out
@@ -114,6 +119,8 @@ def format_report(r: dict) -> str:
             + (f", NCCL {r['nccl']}" if r.get("nccl") else "")
             + f"; cupy {r['cupy']['version'] or 'not loaded (' + r['cupy']['why_not'] + ')'}")
     lines = [head]
+    if r.get("gpu_error"):
+        lines.append(f"GPUs could not be queried: {r['gpu_error']}")
     if len(gpus) > 1:
         lines.append("peer access (row reaches column): "
                      + "; ".join(f"GPU{i}: " + " ".join("y" if ok else "n" for ok in row)

@@ -31,6 +31,10 @@ def test_two_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, tra
     pipe = Pipeline(model=MODEL, prefill=Role(num_gpus=1), decode=Role(num_gpus=1), transport=transport,
                     **ENGINE).start()
     try:
+        def gpu_of_worker(worker):  # the GPU this actor placed its engine on (all GPUs are visible)
+            return str(torch.cuda.get_device_properties(worker.engine.kv_buffer.device).uuid)
+        gpus = local_ray.get([a.__ray_call__.remote(gpu_of_worker) for a in pipe.actors])
+        assert len(gpus) == 2 and gpus[0] != gpus[1], gpus  # prefill and decode on different GPUs
         for ids in prompts:
             for kw in ({}, {"temperature": 0.8, "seed": 11}):
                 expected = engine.generate(ids, SamplingParams(max_tokens=16, ignore_eos=True, **kw))[0]

@@ -54,3 +54,17 @@ def test_a_transport_that_does_not_load_is_reported_with_the_fix_not_a_crash():
     assert not t["mooncake"]["available"]
     assert "pip install 'lmdisagg[mooncake]'" in t["mooncake"]["why_not"]
     assert t["shm"]["available"]  # the others are still reported
+
+
+def test_a_broken_cuda_setup_is_reported_not_a_crash():
+    """CUDA that claims to be there but fails when asked (a driver that does not match torch):
+    the report says so, and still covers every transport."""
+    broken = ("import torch\n"
+              "torch.cuda.is_available = lambda: True\n"
+              "def _fail(*a, **k):\n"
+              "    raise RuntimeError('CUDA driver initialization failed')\n"
+              "torch.cuda.device_count = _fail\n")
+    r = json.loads(_cli("transports", "--json", block=broken).stdout)
+    assert "CUDA driver initialization failed" in r["gpu_error"]
+    assert set(r["transports"]) == set(TRANSPORTS) and r["transports"]["shm"]["available"]
+    assert "GPUs could not be queried" in _cli("transports", block=broken).stdout
