@@ -275,7 +275,7 @@ class CudaIpcTransport(Transport):
                     raise TransferError(f"cuda_ipc runtime='cupy' needs cupy (pip install 'lmdisagg[cu12]' "
                                         f"or 'lmdisagg[cu13]', matching torch's CUDA): {why}") from None
                 warn_torch_path("cuda_ipc", why, "torch's copies and events cost more host time per pull "
-                                "(a 4 KiB pull on 2xH200: ~40-50 µs against ~20-30 µs through cupy)")
+                                "(a 4 KiB pull, probed on 2xH200: ~40-50 µs against ~20-30 µs through cupy)")
         if self.launcher is None:
             self.launcher = _TorchLauncher()
         self._uuids = {device_uuid(i): i for i in range(torch.cuda.device_count())}
