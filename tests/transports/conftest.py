@@ -60,9 +60,12 @@ def need_devices(*devices: str) -> None:
 class Peer:
     """A source process (tests/transports/peer.py) driven over a pipe."""
 
-    def __init__(self, medium: str, options: dict | None = None):
-        """``options``: the transport's options instead of the medium's."""
-        name, _, device, _ = MEDIA[medium]
+    def __init__(self, medium: str, options: dict | None = None, role: str = "source"):
+        """``options``: the transport's options instead of the medium's. ``role``: "source" (on
+        the medium's source device) or "destination" (on its destination device: a puller of
+        its own, for tests that kill one)."""
+        name, _, src, dst = MEDIA[medium]
+        device = dst if role == "destination" else src
         options = side_options(medium, device) if options is None else options
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()

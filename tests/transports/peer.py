@@ -4,6 +4,7 @@ a transport and answers commands over a multiprocessing pipe. Replies are ("ok",
 from __future__ import annotations
 
 import os
+import time
 import traceback
 
 
@@ -39,7 +40,7 @@ def main(conn, name: str, options: dict, device: str) -> None:
         torch.empty(1, device=device).untyped_storage()._share_cuda_()
     before = leaks.snapshot()
     tx = create_transport(name, **options)
-    bufs, engine, pinned = {}, None, []
+    bufs, engine, pinned, pulls = {}, None, [], []
     while True:
         op, *args = conn.recv()
         try:
@@ -74,6 +75,16 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 bufs[buf.desc.buffer_id] = buf
                 nb = engine.layout.chunk_nbytes
                 out = (keys, tx.describe(buf, pinned, nb), digests(buf.flat, pinned, nb), first)
+            elif op == "pull":  # as a destination: pull into a fresh buffer, reply once bytes move
+                desc, = args
+                dst = tx.register(tx.allocate((desc.nbytes,), torch.uint8, device))
+                bufs[dst.desc.buffer_id] = dst
+                x = tx.pull(desc, dst, list(range(len(desc.block_ids))))
+                pulls.append(x)
+                deadline = time.monotonic() + 60
+                while not (x.poll().terminal or x.bytes_done) and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+                out = x.state.value
             elif op == "unpin":
                 engine.unpin_chunks(pinned)
                 pinned = []
@@ -83,6 +94,7 @@ def main(conn, name: str, options: dict, device: str) -> None:
             elif op == "close":  # close, drop everything, report what is left over
                 tx.close()
                 bufs.clear()
+                pulls.clear()
                 engine = tx = t = buf = flat = view = None  # the last references to the memory
                 import gc
                 gc.collect()

@@ -214,6 +214,27 @@ def test_peer_killed_mid_transfer(medium, fresh_peer, big_dst, local):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"lmdisagg-{pid}-")]
 
 
+def test_destination_killed_mid_transfer(medium, fresh_peer, big_dst, local):
+    """A decode worker that dies mid-pull must not wedge its source (a prefill worker serves
+    many): the source goes on serving other destinations, and closes with nothing left over."""
+    bid = fresh_peer.call("raw", BIG, 5)
+    desc, want = fresh_peer.call("describe", bid, list(range(BIG // BIG_BLOCK)), BIG_BLOCK, False)
+    doomed = Peer(medium, role="destination")
+    try:
+        state = doomed.call("pull", desc, timeout=120)  # returns once its first bytes landed
+        doomed.kill()
+    finally:
+        doomed.stop()
+    assert state in ("transferring", "done")
+    x = local.pull(desc, big_dst, range(len(desc.block_ids)))
+    x.wait(60)
+    assert x.state is TransferState.DONE and digests(big_dst, range(len(desc.block_ids)), BIG_BLOCK) == want
+    left = fresh_peer.call("close", timeout=60)
+    if medium in GPU_FAST:  # the peer's CUDA driver threads start lazily and stay: not ours
+        left.pop("tasks", None)
+    assert left == {}
+
+
 def test_hung_peer_never_hangs_the_puller(medium, fresh_peer, local):
     """A stopped (SIGSTOP) source: one-sided media do not need it; the others time out, abort,
     and return within the wait timeout plus the drain bound."""
