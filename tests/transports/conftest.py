@@ -74,7 +74,14 @@ class Peer:
         child.close()
 
     def call(self, op: str, *args, timeout: float = 120.0):
+        self.start(op, *args)
+        return self.result(op, timeout)
+
+    def start(self, op: str, *args) -> None:
+        """Send a command without waiting for its reply (``result`` reads it)."""
         self.conn.send((op, *args))
+
+    def result(self, op: str, timeout: float = 120.0):
         if not self.conn.poll(timeout):
             raise TimeoutError(f"peer did not answer {op!r} within {timeout}s")
         status, value = self.conn.recv()

@@ -85,6 +85,16 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 while not (x.poll().terminal or x.bytes_done) and time.monotonic() < deadline:
                     time.sleep(0.0005)
                 out = x.state.value
+            elif op == "pulls":  # as a destination: pull each descriptor into a fresh buffer, all at
+                descs, = args    # once; the block digests of each, once every pull is DONE
+                xs = []
+                for desc in descs:
+                    dst = tx.register(tx.allocate((desc.nbytes,), torch.uint8, device))
+                    bufs[dst.desc.buffer_id] = dst
+                    xs.append((tx.pull(desc, dst, list(range(len(desc.block_ids)))), dst, desc))
+                for x, *_ in xs:
+                    x.wait(60)
+                out = [digests(dst.flat, range(len(d.block_ids)), d.block_nbytes) for _, dst, d in xs]
             elif op == "unpin":
                 engine.unpin_chunks(pinned)
                 pinned = []

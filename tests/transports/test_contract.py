@@ -102,6 +102,32 @@ def test_many_concurrent_transfers(medium, peer, local):
         local.deregister(dst)
 
 
+def test_several_sources_and_destinations_at_once(medium, fresh_peer, local):
+    """A decode worker pulls from several prefill workers, and a prefill worker serves several
+    decode workers, at once: two source processes × two destinations (this process and another),
+    all four 64 MiB pulls in flight together, every byte right."""
+    other, far = Peer(medium), Peer(medium, role="destination")
+    try:
+        descs = []
+        for seed, src in enumerate((fresh_peer, other), 11):
+            bid = src.call("raw", 64 * MiB, seed)
+            descs.append(src.call("describe", bid, list(range(4)), 16 * MiB, False))
+        far.start("pulls", [d for d, _ in descs])  # the other destination pulls both meanwhile
+        dsts = [dst_buffer(local, medium, 64 * MiB) for _ in descs]
+        try:
+            xs = [local.pull(d, dst, range(4)) for (d, _), dst in zip(descs, dsts)]
+            for x in xs:
+                x.wait(60)
+            assert [digests(dst, range(4), 16 * MiB) for dst in dsts] == [want for _, want in descs]
+        finally:
+            for dst in dsts:
+                local.deregister(dst)
+        assert far.result("pulls") == [want for _, want in descs]
+    finally:
+        other.stop()
+        far.stop()
+
+
 def test_tiny_payload(medium, peer, local):
     bid = peer.call("raw", 4 * 8, 2)
     desc, want = peer.call("describe", bid, [2], 8, False)
