@@ -28,7 +28,11 @@ size; host-staged and CPU media only for sizes whose DEPTH copies fit the larges
 ``raw_nccl_*`` (nccl rows launched through cupy): NCCL's own rate on the link, the transport's
 ceiling: send/recv between the two processes over a communicator of their own, no transport and
 no control messages, timed on the sender's GPU around its sends (one message, and
-PULLS messages over DEPTH regions against the sustained limit).
+PULLS messages over DEPTH regions against the sustained limit). ``raw_nccl_posted_first_*``: one
+message whose receive this process posted before the source posted its send, timed on the host
+from the source's post to the moment this process sees the bytes land (both read the same
+monotonic clock), against the serial limit: the best a design in which the source posts first (a
+push) could do with NCCL; a pull adds the request's trip to the source before that.
 
 Limits, timed the same way in this process: host memcpy (shm, fake), loopback TCP between two
 processes (nccl-gloo, mooncake-tcp), device-to-device copy (same-GPU IPC), torch peer copy
@@ -121,6 +125,20 @@ def source_main(conn, name: str, options: dict, device: str, nbytes: int) -> Non
             n, count, depth = args
             try:
                 conn.send(nccl_ops(raw, t, n, count, depth, send=True)())
+            except Exception as e:
+                conn.send(RuntimeError(f"source: {e!r}"))
+        elif op == "nccl_push":  # the parent's receive is posted: send now, report when we posted
+            n, = args
+            try:
+                from cupy.cuda import nccl
+                from cupy.cuda import runtime as rt
+                rt.setDevice(t.device.index)
+                stream = rt.streamCreateWithFlags(rt.streamNonBlocking)
+                t0 = time.perf_counter()  # CLOCK_MONOTONIC: the parent reads the same clock
+                raw.send(t.data_ptr(), n, nccl.NCCL_UINT8, 1, stream)
+                conn.send(t0)
+                rt.streamSynchronize(stream)
+                rt.streamDestroy(stream)
             except Exception as e:
                 conn.send(RuntimeError(f"source: {e!r}"))
         elif op == "tcp":  # the loopback TCP limit: send n bytes to a port of the parent
@@ -305,11 +323,42 @@ class RawNccl:
         finish()
         return n * count / secs / 1e9
 
+    def posted_first(self, dst, n: int) -> float:
+        """Seconds from the source posting one send of ``n`` bytes to this process seeing them
+        land, this process's receive having been posted before (both processes read the same
+        monotonic clock): what a design in which the source posts first, a push, could do at
+        best with NCCL; a pull adds the request's trip before the source posts."""
+        from cupy.cuda import nccl
+        from cupy.cuda import runtime as rt
+        prev = rt.getDevice()
+        rt.setDevice(dst.flat.device.index)
+        try:
+            stream = rt.streamCreateWithFlags(rt.streamNonBlocking)
+            ev = rt.eventCreateWithFlags(rt.eventDisableTiming)
+            self.comm.recv(dst.flat.data_ptr(), n, nccl.NCCL_UINT8, 0, stream)
+            rt.eventRecord(ev, stream)
+        finally:
+            rt.setDevice(prev)
+        self.src.conn.send(("nccl_push", n))
+        while rt.eventQuery(ev) != 0:  # spin: the moment the bytes are known to have landed
+            pass
+        t1 = time.perf_counter()
+        t0 = self.src.reply("nccl_push", 120)
+        rt.eventDestroy(ev)
+        rt.streamDestroy(stream)
+        return t1 - t0
+
     def row(self, dst, size: int, r: dict) -> dict:
         """raw_nccl_gbps: one message (median of a few); *_sustained: PULLS messages over DEPTH
-        regions, against the same limit as the transport's sustained figure."""
+        regions, against the same limit as the transport's sustained figure; *_posted_first:
+        one message whose receive was posted before the source's send (median of a few), against
+        the serial limit."""
         self.gbps(dst, size, 1, 1)  # warm-up
         out = {"raw_nccl_gbps": round(statistics.median(self.gbps(dst, size, 1, 1) for _ in range(5)), 3)}
+        self.posted_first(dst, size)  # warm-up
+        first = size / statistics.median(self.posted_first(dst, size) for _ in range(5)) / 1e9
+        out["raw_nccl_posted_first_gbps"] = round(first, 3)
+        out["raw_nccl_posted_first_ratio"] = round(first / r["limit_gbps"], 3)
         if "limit_gbps_sustained" in r:
             raw = statistics.median(self.gbps(dst, size, PULLS, DEPTH) for _ in range(3))
             out["raw_nccl_gbps_sustained"] = round(raw, 3)
@@ -420,6 +469,8 @@ def bench_medium(label, spec, sizes, tcp_source):
             piped = f"  sustained x{DEPTH} {r['ratio_sustained']:5.2f}" if "ratio_sustained" in r else ""
             if "raw_nccl_ratio_sustained" in r:
                 piped += f" (NCCL alone {r['raw_nccl_ratio_sustained']:4.2f})"
+            if "raw_nccl_posted_first_ratio" in r:
+                piped += f"  NCCL posted first {r['raw_nccl_posted_first_ratio']:4.2f}"
             print(f"{label:22s} {size / MiB:7.0f} MiB {r['gbps']:8.2f} GB/s  limit {r['limit_gbps']:8.2f} "
                   f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f}){piped}  fixed {fixed_us:7.1f} µs",
                   flush=True)
@@ -520,7 +571,8 @@ def main() -> None:
            "gbps/limit_gbps: medians; ratio: median of paired runs (transport, then limit); "
            "*_best: fastest run of each; *_sustained: a stream of `pulls` pulls with `depth` in flight vs as "
            "many raw copies queued; raw_nccl_*: NCCL send/recv alone between the two processes, sender's "
-           "GPU time around its sends",
+           "GPU time around its sends; raw_nccl_posted_first_*: one NCCL message, its receive posted first, from the "
+           "source's post to the bytes seen landed (host clock), vs the serial limit",
            "options": overrides, "skipped": skipped, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"transport_{tag(args.device)}{args.suffix}.json"
