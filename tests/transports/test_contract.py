@@ -262,6 +262,34 @@ def test_destination_killed_mid_transfer(medium, fresh_peer, big_dst, local):
     assert left == {}
 
 
+def test_a_hung_destination_holds_up_no_other(medium, fresh_peer, big_dst, local):
+    """A decode worker that stops answering (SIGSTOP) mid-pull must not hold up its source's
+    other destinations: this process's pull of the same blocks finishes meanwhile, well within
+    the stopped pair's own timeouts."""
+    bid = fresh_peer.call("raw", BIG, 6)
+    desc, want = fresh_peer.call("describe", bid, list(range(BIG // BIG_BLOCK)), BIG_BLOCK, False)
+    ids = range(len(desc.block_ids))
+    stuck = Peer(medium, role="destination")
+    try:
+        stuck.call("pull", desc, timeout=120)  # returns once its first bytes landed
+        os.kill(stuck.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            x = local.pull(desc, big_dst, ids)
+            x.wait(30)
+            took = time.monotonic() - t0
+        finally:
+            os.kill(stuck.pid, signal.SIGCONT)
+    finally:
+        stuck.stop()
+    assert x.state is TransferState.DONE and digests(big_dst, ids, BIG_BLOCK) == want
+    assert took < 5.0, f"the pull took {took:.1f}s behind a stopped destination"
+    left = fresh_peer.call("close", timeout=60)
+    if medium in GPU_FAST:
+        left.pop("tasks", None)
+    assert left == {}
+
+
 def test_hung_peer_never_hangs_the_puller(medium, fresh_peer, local):
     """A stopped (SIGSTOP) source: one-sided media do not need it; the others time out, abort,
     and return within the wait timeout plus the drain bound."""
