@@ -340,8 +340,11 @@ class RawNccl:
         finally:
             rt.setDevice(prev)
         self.src.conn.send(("nccl_push", n))
+        deadline = time.monotonic() + 120
         while rt.eventQuery(ev) != 0:  # spin: the moment the bytes are known to have landed
-            pass
+            if time.monotonic() > deadline:  # the source failed to send (its reply says why)
+                self.src.reply("nccl_push", 1)
+                raise TimeoutError("the source's NCCL send did not land within 120 s")
         t1 = time.perf_counter()
         t0 = self.src.reply("nccl_push", 120)
         rt.eventDestroy(ev)

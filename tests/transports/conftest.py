@@ -58,7 +58,8 @@ def need_devices(*devices: str) -> None:
 
 
 class Peer:
-    """A source process (tests/transports/peer.py) driven over a pipe."""
+    """A peer process (tests/transports/peer.py) driven over a pipe: a source, or a destination
+    of its own."""
 
     def __init__(self, medium: str, options: dict | None = None, role: str = "source"):
         """``options``: the transport's options instead of the medium's. ``role``: "source" (on

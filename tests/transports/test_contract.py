@@ -1,7 +1,7 @@
 """The one contract every transport keeps (base.py), checked on every medium available here:
 source in another process, real KV chunks from the engine, concurrency (several sources and
-destinations at once too), tiny and 256 MiB payloads, abort, a killed or hung source, a killed
-destination, corruption, truncation, and nothing leaked on close."""
+destinations at once too), tiny and 256 MiB payloads, abort, a killed or hung source, a killed or
+stopped destination, corruption, truncation, and nothing leaked on close."""
 from __future__ import annotations
 
 import dataclasses
