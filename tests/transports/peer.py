@@ -95,6 +95,16 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 for x, *_ in xs:
                     x.wait(60)
                 out = [digests(dst.flat, range(len(d.block_ids)), d.block_nbytes) for _, dst, d in xs]
+            elif op == "drop":  # deregister a buffer and let go of it
+                bid, = args
+                tx.deregister(bufs.pop(bid))
+                t = buf = dst = None
+                import gc
+                gc.collect()
+                out = None
+            elif op == "cuda_allocated":  # CUDA memory this process still holds (after freeing what
+                torch.cuda.ipc_collect()  # no other process has open any more)
+                out = torch.cuda.memory_allocated(device)
             elif op == "unpin":
                 engine.unpin_chunks(pinned)
                 pinned = []
