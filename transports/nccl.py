@@ -638,7 +638,7 @@ class NcclTransport(Transport):
                                 f"'lmdisagg[cu12]' or 'lmdisagg[cu13]', matching torch's CUDA){'; ' + why if why else ''}")
         if backend == "nccl" and runtime == "auto" and self.nccl is None:
             warn_torch_path("nccl", why, "a torch.distributed group costs ~60-90 µs more per window on each "
-                            "side (lone 64 MiB pulls on 2xH200: 0.38-0.45 of a peer copy against 0.52-0.58)")
+                            "side (lone 64 MiB pulls on 2xH200: 0.42-0.43 of a peer copy against 0.48-0.58)")
         self.runtime = "cupy" if self.nccl is not None else "torch"
         self.backend, self.host, self.device = backend, host, device
         self.window_nbytes = window_nbytes or ((256 if backend == "nccl" else 64) << 20)

@@ -121,7 +121,7 @@ def format_report(r: dict) -> str:
     lines = [head]
     if r.get("gpu_error"):
         lines.append(f"GPUs could not be queried: {r['gpu_error']}")
-    if len(gpus) > 1:
+    if len(gpus) > 1 and r.get("peer_access"):  # absent when querying it failed (gpu_error)
         lines.append("peer access (row reaches column): "
                      + "; ".join(f"GPU{i}: " + " ".join("y" if ok else "n" for ok in row)
                                  for i, row in enumerate(r["peer_access"])))

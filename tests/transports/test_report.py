@@ -64,7 +64,16 @@ def test_a_broken_cuda_setup_is_reported_not_a_crash():
               "def _fail(*a, **k):\n"
               "    raise RuntimeError('CUDA driver initialization failed')\n"
               "torch.cuda.device_count = _fail\n")
-    r = json.loads(_cli("transports", "--json", block=broken).stdout)
-    assert "CUDA driver initialization failed" in r["gpu_error"]
-    assert set(r["transports"]) == set(TRANSPORTS) and r["transports"]["shm"]["available"]
-    assert "GPUs could not be queried" in _cli("transports", block=broken).stdout
+    # counting fails; or counting works and the peer-access query fails (GPUs named, no matrix)
+    late = ("import torch\n"
+            "torch.cuda.is_available = lambda: True\n"
+            "torch.cuda.device_count = lambda: 2\n"
+            "torch.cuda.get_device_name = lambda i: f'GPU {i}'\n"
+            "def _fail(*a, **k):\n"
+            "    raise RuntimeError('CUDA driver initialization failed')\n"
+            "torch.cuda.can_device_access_peer = _fail\n")
+    for block in (broken, late):
+        r = json.loads(_cli("transports", "--json", block=block).stdout)
+        assert "CUDA driver initialization failed" in r["gpu_error"]
+        assert set(r["transports"]) == set(TRANSPORTS) and r["transports"]["shm"]["available"]
+        assert "GPUs could not be queried" in _cli("transports", block=block).stdout
