@@ -79,6 +79,8 @@ class RouterSettings(_Strict):
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     first_token_timeout_s: float = Field(300.0, gt=0, description="limit for prefill (queue + compute)")
     token_timeout_s: float = Field(60.0, gt=0, description="limit between two streamed tokens")
+    max_migrations: int = Field(3, ge=0, description="times one request is resumed on other workers after a "
+                                                     "worker serving it died (0: fail it with 503)")
 
     @field_validator("policy")
     @classmethod

@@ -170,14 +170,21 @@ class Engine(EngineBase):
             raise OutOfBlocksError(f"request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    prefill_only: bool = False) -> None:
+                    prefill_only: bool = False, resumed: list[int] = (), num_text_emitted: int = 0) -> None:
         """Queue a request. With ``prefill_only`` it stops after its first token (unless that token
         already finishes it) and its blocks stay held for export until ``release_held(id)``; its
-        output then has ``finished=True, finish_reason=None, prefill_done=True``."""
+        output then has ``finished=True, finish_reason=None, prefill_done=True``.
+
+        ``resumed``: tokens this request already generated elsewhere (and streamed, with
+        ``num_text_emitted`` characters of text), as when its worker died: they are computed with
+        the prompt and count as output (max_tokens, usage, stop strings), and generation goes on."""
         if request_id in self.seqs or request_id in self.held:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
+        self._check_resumed(resumed, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.token_ids += resumed
+        seq.num_text_emitted = num_text_emitted
         seq.prefill_only = prefill_only
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -186,6 +193,12 @@ class Engine(EngineBase):
         self.seqs[request_id] = seq
         self._arrival[request_id] = time.perf_counter()
         self.scheduler.add(seq)
+
+    @staticmethod
+    def _check_resumed(resumed: list[int], params: SamplingParams) -> None:
+        if len(resumed) >= params.max_tokens:
+            raise InvalidRequestError(f"{len(resumed)} tokens already generated leave none of max_tokens="
+                                      f"{params.max_tokens} to resume", param="max_tokens")
 
     def abort(self, request_id: str) -> bool:
         if self.release_held(request_id):
@@ -234,7 +247,7 @@ class Engine(EngineBase):
         finished = seq.finish_reason is not None
         prefill_done = seq.prefill_only and not finished
         out = RequestOutput(seq.request_id, [token], delta, finished or prefill_done, seq.finish_reason,
-                            seq.num_prompt_tokens, seq.num_cached_tokens, len(seq.output_token_ids),
+                            seq.num_prompt_tokens, min(seq.num_cached_tokens, seq.num_prompt_tokens), len(seq.output_token_ids),
                             prefill_done=prefill_done)
         if finished:
             self.scheduler.remove(seq)
@@ -399,20 +412,24 @@ class Engine(EngineBase):
 
     def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], first_token: int,
                               params: SamplingParams, block_ids: list[int] | None, *, num_text_emitted: int = 0,
-                              generator_state: torch.Tensor | None = None) -> None:
+                              generator_state: torch.Tensor | None = None, resumed: list[int] = ()) -> None:
         """Continue a request prefilled elsewhere: ``first_token`` was sampled by the prefill side
-        and already streamed, with ``num_text_emitted`` characters of text.
+        and already streamed, with ``num_text_emitted`` characters of text. ``resumed``: tokens
+        generated before the prefill (see ``add_request``); the KV covers prompt + resumed.
 
-        ``block_ids`` hold the whole prompt's KV (held by the caller; ownership passes to the
-        engine) and the request goes straight to decode. With ``block_ids=None`` (the transfer
-        failed) the engine computes prompt + first token itself, using its prefix cache."""
+        ``block_ids`` hold that KV (held by the caller; ownership passes to the engine) and the
+        request goes straight to decode. With ``block_ids=None`` (the transfer failed) the engine
+        computes prompt + resumed + first token itself, using its prefix cache."""
         t = self.config.chunk_tokens
         if request_id in self.seqs or request_id in self.held:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        if block_ids is not None and len(block_ids) != -(-len(prompt_token_ids) // t):
-            raise InvalidRequestError(f"{len(block_ids)} blocks do not cover a {len(prompt_token_ids)}-token prompt")
+        context = len(prompt_token_ids) + len(resumed)
+        if block_ids is not None and len(block_ids) != -(-context // t):
+            raise InvalidRequestError(f"{len(block_ids)} blocks do not cover a {context}-token context")
         self.validate(prompt_token_ids, params)
+        self._check_resumed(resumed, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.token_ids += resumed
         seq.token_ids.append(first_token)
         seq.num_text_emitted = num_text_emitted
         if params.temperature > 0:
@@ -427,8 +444,8 @@ class Engine(EngineBase):
             self.scheduler.add(seq)
             return
         seq.block_table = list(block_ids)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(prompt_token_ids)
-        seq.num_registered = len(prompt_token_ids) // t
+        seq.num_computed_tokens, seq.num_cached_tokens = context, len(prompt_token_ids)
+        seq.num_registered = context // t
         self.scheduler.add_running(seq)
 
     def import_chunks(self, keys: list[ChunkKey], payloads: list[torch.Tensor]) -> int:

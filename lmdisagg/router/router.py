@@ -4,6 +4,8 @@
     2. prefill     PrefillWorker.prefill(req) → first token + KVHandle   (colocated: generate())
     3. decode      DecodeWorker.decode(req, handle) streams the rest
     4. finish      on any early exit (client gone, error, timeout) both workers abort the request
+    5. migrate     a worker that dies meanwhile (its actor is gone) is marked dead, and the request
+                   goes back to 1 on live workers, carrying the tokens already streamed
 
 Worker loads are polled in the background; the policy sees them plus this router's own count of
 requests it has in flight per worker (fresher than any poll).
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from lmdisagg.config import ClusterConfig
@@ -42,6 +44,18 @@ class WorkerRef:
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
+
+
+def _actor_died(err: BaseException) -> bool:
+    """The worker's Ray actor is gone (its process died, or Ray lost it): not the request's fault."""
+    import ray.exceptions as rex
+    return isinstance(err, (rex.RayActorError, getattr(rex, "ActorUnavailableError", rex.RayActorError)))
+
+
+class _WorkerDied(Exception):
+    def __init__(self, worker: "WorkerRef", err: BaseException):
+        super().__init__(f"{worker.info.role} worker {worker.worker_id} died: {type(err).__name__}")
+        self.role = worker.info.role
 
 
 def unwrap(err: BaseException) -> BaseException:
@@ -180,9 +194,10 @@ class Router:
         decode = None if self.colocated else self._loads(self.decode)
         if not prefill or (decode is not None and not decode):
             raise UnavailableError("no live workers to serve the request")
-        keys = chunk_keys(req.prompt_token_ids, self.chunk_tokens, self.namespace)
-        preq = PlacementRequest(req.request_id, keys, len(req.prompt_token_ids), req.prompt_token_ids,
-                                req.params.max_tokens)
+        context = req.context_token_ids
+        keys = chunk_keys(context, self.chunk_tokens, self.namespace)
+        preq = PlacementRequest(req.request_id, keys, len(context), context,
+                                req.params.max_tokens - len(req.resumed))
         placement = self.policy.choose(preq, prefill, decode, self.index)
         log.debug("placed %s: prefill=%s decode=%s cached_chunks=%d reason=%s scores=%s", req.request_id,
                   placement.prefill, placement.decode, placement.cached_chunks, placement.reason,
@@ -196,16 +211,45 @@ class Router:
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Deltas of one choice until finished. Raises typed errors; on any early exit the
-        request is aborted on every worker that has it."""
+        request is aborted on every worker that has it.
+
+        A worker that dies while serving the request (its Ray actor is gone) loses nothing: the
+        request is placed again on live workers and resumed there with the tokens it has
+        streamed so far (they are computed with the prompt, then generation goes on), up to
+        ``router.max_migrations`` times. Greedy output is unchanged by a migration; a sampled
+        request draws the rest of its tokens afresh."""
+        rt = self.config.router
+        deadline = time.monotonic() + rt.request_timeout_s
+        resumed: list[int] = list(req.resumed)
+        text_chars = req.num_text_emitted
+        attempt = req
+        for migration in range(rt.max_migrations + 1):
+            try:
+                async for delta in self._stream_once(attempt, deadline):
+                    resumed += delta.token_ids
+                    text_chars += len(delta.text)
+                    yield delta
+                return
+            except _WorkerDied as died:
+                if migration == rt.max_migrations:
+                    raise UnavailableError(f"{died}; the request was resumed {migration} times, "
+                                           f"router.max_migrations={rt.max_migrations}") from None
+                self.metrics.migrations.labels(died.role).inc()
+                log.warning("%s; resuming %s on other workers after %d tokens", died, req.request_id, len(resumed))
+                attempt = replace(req, request_id=f"{req.request_id}~{migration + 1}", resumed=tuple(resumed),
+                                  num_text_emitted=text_chars)
+
+    async def _stream_once(self, req: GenerateRequest, deadline: float) -> AsyncIterator[TokenDelta]:
+        """One placement of the request: prefill + decode (or a colocated generate)."""
         rt = self.config.router
         p, d = self.place(req)
         involved = {p.worker_id: p} if self.colocated else {p.worker_id: p, d.worker_id: d}
-        n_prompt = len(req.prompt_token_ids)
+        n_prompt = len(req.prompt_token_ids) + len(req.resumed)
         for w in involved.values():
             w.in_flight += 1
         p.in_flight_tokens += n_prompt
-        finished = False
-        deadline = time.monotonic() + rt.request_timeout_s
+        finished = migrating = False
+        serving = p  # the worker whose call is in progress (to blame if its actor dies)
         try:
             if self.colocated:
                 gen = p.actor.generate.remote(req)
@@ -227,6 +271,7 @@ class Router:
             yield res.first
             if res.handle is None:
                 return
+            serving = d
             async for delta in self._iter(d.actor.decode.remote(req, res.handle), rt.token_timeout_s, deadline):
                 delta.cached_tokens = res.first.cached_tokens
                 finished = delta.finished
@@ -234,13 +279,19 @@ class Router:
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:  # noqa: BLE001
+            if _actor_died(e):
+                serving.alive = False  # placed nowhere until it answers a poll again
+                migrating = True
+                raise _WorkerDied(serving, e) from None
             raise unwrap(e) from None
         finally:
             for w in involved.values():
                 w.in_flight -= 1
             if not finished:
-                self.metrics.aborted.inc()
+                if not migrating:
+                    self.metrics.aborted.inc()
                 # shielded: runs even when this task is being cancelled (client disconnected)
+                # (a worker only unreachable for a while gets it too, so it frees the request's blocks)
                 asyncio.ensure_future(self._abort(req.request_id, list(involved.values())))
 
     async def _iter(self, gen, timeout: float, deadline: float):
@@ -261,4 +312,5 @@ class Router:
             try:
                 await asyncio.wait_for(w.actor.abort.remote(request_id), 10)
             except Exception as e:  # noqa: BLE001
-                log.warning("abort of %s on %s failed: %s", request_id, w.worker_id, e)
+                log.log(logging.WARNING if w.alive else logging.DEBUG, "abort of %s on %s failed: %s",
+                        request_id, w.worker_id, e)

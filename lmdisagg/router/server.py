@@ -75,10 +75,14 @@ class OpenAIServer:
                  for w in r.prefill}
         body = {"in_flight": r.in_flight, "policy": r.policy.name, "placement": r.policy.counters.as_dict(),
                 "index": {"workers": index, "stats": r.index.stats.as_dict()}, "workers": {
-            w.worker_id: {"role": w.info.role, "alive": w.alive, "running": w.stats.running,
+            w.worker_id: {"role": w.info.role, "alive": w.alive, "node": w.info.node_ip, "pid": w.info.pid,
+                          # this router's requests on it, and their prompt tokens not yet prefilled
+                          "router_in_flight": w.in_flight, "router_in_flight_prompt_tokens": w.in_flight_tokens,
+                          "running": w.stats.running,
                           "queued_prefill_tokens": w.stats.queued_prefill_tokens,
                           "free_blocks": w.stats.free_blocks, "total_blocks": w.stats.total_blocks,
-                          **w.stats.stats} if w.stats else {"role": w.info.role, "alive": w.alive}
+                          **w.stats.stats} if w.stats else {"role": w.info.role, "alive": w.alive,
+                                                            "node": w.info.node_ip, "pid": w.info.pid}
             for w in r.workers}}
         return web.json_response(body)
 

@@ -16,6 +16,15 @@ class GenerateRequest:
     request_id: str                 # unique per request (per choice when n > 1)
     prompt_token_ids: list[int]     # already tokenized (chat template applied) by the router
     params: SamplingParams
+    # a request resumed after its worker died: the tokens it had generated (and streamed, with
+    # num_text_emitted characters of text); the new worker computes them with the prompt
+    resumed: tuple[int, ...] = ()
+    num_text_emitted: int = 0
+
+    @property
+    def context_token_ids(self) -> list[int]:
+        """The tokens whose KV the request needs before it generates: prompt + resumed."""
+        return list(self.prompt_token_ids) + list(self.resumed)
 
 
 @dataclass
@@ -67,6 +76,7 @@ class WorkerInfo:
     namespace: bytes
     transport: str
     node_ip: str = ""
+    pid: int = 0                    # the actor's process on that node
 
 
 @dataclass

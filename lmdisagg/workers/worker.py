@@ -118,7 +118,7 @@ class Worker:
         import ray
         return WorkerInfo(self.worker_id, self.role, e.config.model, e.max_model_len, e.config.chunk_tokens,
                           e.blocks.num_blocks, tuple(e.layout.__dict__.values()), e.namespace.digest(),
-                          self.kv.name if self.kv else "none", ray.util.get_node_ip_address())
+                          self.kv.name if self.kv else "none", ray.util.get_node_ip_address(), os.getpid())
 
     def _after_step(self, e: Engine) -> None:
         """Loop thread, after every step (and when idle): store offloads and loads, KV events."""
@@ -141,13 +141,18 @@ class Worker:
         """Admit a request (loop thread): at once, or after its cached chunks load from the store.
         Typed errors are raised here, before anything is queued."""
         if self.bridge is None:
-            e.add_request(req.request_id, req.prompt_token_ids, req.params, prefill_only=prefill_only)
+            self._admit(e, req, prefill_only)
             return
         if req.request_id in self._loading or req.request_id in e.seqs:
             raise InvalidRequestError(f"request id {req.request_id!r} is already running")
         e.validate(req.prompt_token_ids, req.params)
         self._loading[req.request_id] = (req, prefill_only)
-        self.bridge.start_load(req.request_id, req.prompt_token_ids)
+        self.bridge.start_load(req.request_id, req.context_token_ids)
+
+    @staticmethod
+    def _admit(e: Engine, req: GenerateRequest, prefill_only: bool) -> None:
+        e.add_request(req.request_id, req.prompt_token_ids, req.params, prefill_only=prefill_only,
+                      resumed=list(req.resumed), num_text_emitted=req.num_text_emitted)
 
     def _admit_loaded(self, e: Engine, r) -> None:
         entry = self._loading.pop(r.request_id, None)
@@ -157,7 +162,7 @@ class Worker:
         for tier, n in r.served.items():
             self.counters[f"store_{tier}_chunks"] = self.counters.get(f"store_{tier}_chunks", 0) + n
         try:
-            e.add_request(req.request_id, req.prompt_token_ids, req.params, prefill_only=prefill_only)
+            self._admit(e, req, prefill_only)
         except LmdisaggError as err:
             self.loop.fail(req.request_id, err)
 
@@ -282,7 +287,7 @@ class PrefillWorker(Worker):
 
     def _publish(self, e: Engine, req: GenerateRequest, out: RequestOutput) -> KVHandle:
         seq = e.held_request(req.request_id)
-        keys = e.chunk_keys(req.prompt_token_ids)
+        keys = e.chunk_keys(req.context_token_ids)
         gen = seq.generator.get_state().numpy().tobytes() if seq.generator is not None else None
         import ray
         return KVHandle(
@@ -312,7 +317,8 @@ class DecodeWorker(Worker):
                 self.counters["recomputed_prompts"] += 1
                 await self.loop.call(lambda e: e.add_prefilled_request(
                     rid, req.prompt_token_ids, handle.first_token, req.params, None,
-                    num_text_emitted=handle.num_text_emitted, generator_state=_gen_state(handle)))
+                    num_text_emitted=handle.num_text_emitted, generator_state=_gen_state(handle),
+                    resumed=list(req.resumed)))
             async for delta in self._drain(q, rid, self.timeouts["first_token_s"]):
                 yield delta
         finally:
@@ -370,7 +376,8 @@ class DecodeWorker(Worker):
             e.commit_chunks(to_fill, hold=True)
             try:
                 e.add_prefilled_request(req.request_id, req.prompt_token_ids, h.first_token, req.params,
-                                        block_ids, num_text_emitted=h.num_text_emitted, generator_state=gen)
+                                        block_ids, num_text_emitted=h.num_text_emitted, generator_state=gen,
+                                        resumed=list(req.resumed))
             except BaseException:
                 e.free_blocks(block_ids)
                 raise

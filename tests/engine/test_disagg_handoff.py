@@ -90,3 +90,62 @@ def test_failed_transfer_recompute_path_equals_one_engine(engine, decode_engine,
             tokens += o.new_token_ids
             text += o.text_delta
     assert tokens == ref.token_ids and text == ref.text
+
+
+def run_steps(e: Engine, rid: str, prompt: list[int], params: SamplingParams, **kw) -> list:
+    e.add_request(rid, prompt, params, **kw)
+    outs = []
+    while e.has_unfinished():
+        outs += [o for o in e.step() if o.request_id == rid]
+    return outs
+
+
+@pytest.mark.parametrize("where", ["one engine", "handoff"])
+def test_resumed_request_goes_on_as_if_never_stopped(engine, decode_engine, where):
+    """A request whose worker died is resumed elsewhere with the tokens it had streamed: the rest
+    of its tokens, text and usage are those of the uninterrupted run (the router's migration)."""
+    t = engine.config.chunk_tokens
+    prompt = long_prompt(engine, t - 10, seed=5)  # prompt + resumed tokens cross a chunk boundary
+    prompt += engine.encode(" Then the wizard said that")
+    params = SamplingParams(max_tokens=40, ignore_eos=True, stop=("zzz never",))  # a held-back stop prefix too
+    ref = run_steps(engine, f"ref-{where}", prompt, params)
+    assert len(ref) == 40
+    k = 25
+    before = ref[:k]
+    resumed = [o.new_token_ids[0] for o in before]
+    emitted = "".join(o.text_delta for o in before)
+    if where == "one engine":
+        rest = run_steps(decode_engine, "resumed-1", prompt, params, resumed=resumed, num_text_emitted=len(emitted))
+    else:  # prefill (prompt + resumed) on one engine, decode on the other
+        rid = "resumed-2"
+        engine.add_request(rid, prompt, params, prefill_only=True, resumed=resumed, num_text_emitted=len(emitted))
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        (first,) = outs
+        context = prompt + resumed
+        held = engine.held_request(rid)
+        assert len(held.block_table) == -(-len(context) // t)
+        block_ids = decode_engine.allocate_blocks(len(held.block_table))
+        for s, d in zip(held.block_table, block_ids):
+            decode_engine.kv_buffer[d].copy_(engine.kv_buffer[s])
+        decode_engine.add_prefilled_request(rid, prompt, first.new_token_ids[0], params, block_ids,
+                                            num_text_emitted=held.num_text_emitted, resumed=resumed)
+        assert engine.release_held(rid)
+        rest = [first]
+        while decode_engine.has_unfinished():
+            rest += decode_engine.step()
+    assert [o.new_token_ids[0] for o in rest] == [o.new_token_ids[0] for o in ref[k:]]
+    assert emitted + "".join(o.text_delta for o in rest) == "".join(o.text_delta for o in ref)
+    assert [(o.prompt_tokens, o.completion_tokens) for o in rest] == [(o.prompt_tokens, o.completion_tokens)
+                                                                      for o in ref[k:]]
+    assert rest[-1].finished and rest[-1].finish_reason == "length"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert decode_engine.blocks.num_free == decode_engine.blocks.num_blocks
+
+
+def test_resumed_request_needs_tokens_left(engine):
+    from lmdisagg.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.add_request("r-full", [1, 2, 3], SamplingParams(max_tokens=2), resumed=[5, 6])
+    assert "r-full" not in engine.seqs
