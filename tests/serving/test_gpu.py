@@ -47,3 +47,44 @@ def test_two_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, tra
             assert s.free_blocks == s.total_blocks and s.stats["held"] == 0 and s.running == 0
     finally:
         pipe.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl", "shm"])
+def test_decode_worker_killed_mid_stream_on_gpus(local_ray, transport):
+    """A decode worker's process SIGKILLed mid-stream (its GPU memory, IPC handles and NCCL pair
+    with the prefill worker go with it): the request is resumed on the other decode worker, the
+    prefill worker serves the new pull over the same transport, and the tokens are one engine's."""
+    import os
+    import signal
+
+    import torch
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from lmdisagg import Pipeline, Role
+    from lmdisagg.engine import Engine
+    engine = Engine(model=MODEL, **ENGINE)
+    ids = [random.Random(transport).randrange(1000, 40000) for _ in range(150)]
+    n = 300
+    expected = engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True))[0]
+    pipe = Pipeline(model=MODEL, prefill=Role(num_gpus=1), decode=Role(replicas=2, num_gpus=0.5),
+                    transport=transport, **ENGINE).start()
+    try:
+        who = dict(local_ray.get([a.__ray_call__.remote(lambda w: (w.worker_id, os.getpid())) for a in pipe.actors]))
+        got, victim = [], None
+        for d in pipe.stream(ids, max_tokens=n, ignore_eos=True):
+            got += d.token_ids
+            if victim is None and len(got) >= 8:
+                busy = [wid for wid, s in pipe.worker_stats().items() if wid.startswith("decode") and s.running]
+                assert len(busy) == 1, busy
+                victim = busy[0]
+                os.kill(who[victim], signal.SIGKILL)
+        assert victim is not None and got == expected.token_ids
+        assert pipe.router.metrics.migrations.labels("decode")._value.get() == 1
+        alive = [a for a in pipe.actors if a is not pipe.actors[list(who).index(victim)]]
+        stats = {s.worker_id: s for s in local_ray.get([a.load.remote() for a in alive], timeout=30)}
+        survivor = stats[next(w for w in stats if w.startswith("decode"))]
+        assert survivor.stats["pulled_chunks"] > 0 and survivor.stats["recomputed_prompts"] == 0, survivor.stats
+        for s in stats.values():  # nothing of the moved request left allocated
+            assert s.free_blocks == s.total_blocks and s.stats["held"] == 0 and s.running == 0, s
+    finally:
+        pipe.shutdown()
