@@ -96,6 +96,9 @@ class RaySettings(_Strict):
                                                   "join the job's cluster or start a local one on 127.0.0.1")
     namespace: str = Field("lmdisagg", description="Ray namespace of the actors")
     worker_start_timeout_s: float = Field(300.0, gt=0, description="limit for loading the model in a worker")
+    max_restarts: int = Field(-1, ge=-1, description="times Ray restarts a worker actor whose process died "
+                                                     "(-1: every time, 0: never); the router places nothing on "
+                                                     "it until it answers again, with empty caches")
 
 
 class ClusterConfig(_Strict):

@@ -138,7 +138,7 @@ class Pipeline:
                 actor_cls = ray.remote(cls).options(
                     name=self._actor_names[-1], namespace=cfg.ray.namespace, num_cpus=rs.num_cpus,
                     num_gpus=rs.num_gpus, resources=dict(rs.resources) or None, max_concurrency=1000,
-                    max_restarts=0, runtime_env=env)
+                    max_restarts=cfg.ray.max_restarts, runtime_env=env)
                 self.actors.append(actor_cls.remote(wid, _engine_config(cfg, rs), transport, timeouts,
                                                     max(1, int(rs.num_cpus)), cfg.store.model_dump()))
         log.info("starting %d workers (loading %s) ...", len(self.actors), cfg.model)

@@ -19,6 +19,8 @@ class RouterMetrics:
         self.generation_tokens = Counter("lmdisagg_generation_tokens", "generated tokens", registry=r)
         self.in_flight = Gauge("lmdisagg_requests_in_flight", "requests being served (queue depth)", registry=r)
         self.aborted = Counter("lmdisagg_requests_aborted", "requests aborted (client gone, error, timeout)", registry=r)
+        self.restarts = Counter("lmdisagg_worker_restarts", "worker processes found replaced by a restarted "
+                                "one", ["worker"], registry=r)
         self.migrations = Counter("lmdisagg_request_migrations", "requests resumed on other workers after a worker "
                                   "died", ["role"], registry=r)
         self.placements = Counter("lmdisagg_placements", "placement decisions per worker and role", ["worker", "role"], registry=r)

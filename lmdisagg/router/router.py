@@ -119,6 +119,8 @@ class Router:
         async def one(w: WorkerRef):
             try:
                 w.stats = await asyncio.wait_for(w.actor.load.remote(), 5.0)
+                if w.stats.pid and w.stats.pid != w.info.pid:
+                    await self._restarted(w)
                 if not w.alive:
                     log.warning("worker %s is answering again", w.worker_id)
                 w.alive = True
@@ -130,6 +132,18 @@ class Router:
                 return
             await self._apply_events(w)
         await asyncio.gather(*(one(w) for w in self.workers))
+
+    async def _restarted(self, w: WorkerRef) -> None:
+        """Ray restarted the worker's actor in a new process: nothing of the old one's caches is
+        left, and its KV events start over. Its index entries go; its info is read again."""
+        old = w.info.pid
+        w.info = await asyncio.wait_for(w.actor.info.remote(), 5.0)
+        if w.worker_id in self.index:
+            self.index.remove_worker(w.worker_id)
+            self.index.add_worker(w.worker_id)
+        self.metrics.restarts.labels(w.worker_id).inc()
+        log.warning("worker %s was restarted (pid %d, was %d): serving again with empty caches", w.worker_id,
+                    w.info.pid, old)
 
     async def _apply_events(self, w: WorkerRef) -> None:
         need_resync = False

@@ -89,3 +89,4 @@ class WorkerStats:
     stats: dict = field(default_factory=dict)  # engine counters (tokens computed, cached, ...)
     queued_requests: int = 0        # requests waiting for admission
     events: list[bytes] = field(default_factory=list)  # KVEventBatch.to_msgpack() since the last poll
+    pid: int = 0                    # the process that answered (a new one: Ray restarted the actor)

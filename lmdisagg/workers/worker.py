@@ -191,7 +191,7 @@ class Worker:
                       store_offloaded=b["offloaded"], store_offload_errors=b["offload_errors"],
                       store_errors=sum(ts.failures.values()) + b["offload_errors"], store_down=list(ts.down))
         self._stats = WorkerStats(self.worker_id, queued, len(e.scheduler.running), e.blocks.num_free,
-                                  e.blocks.num_blocks, st, len(e.scheduler.waiting))
+                                  e.blocks.num_blocks, st, len(e.scheduler.waiting), pid=os.getpid())
 
     async def load(self) -> WorkerStats:
         """The latest load report plus the KV event batches since the last call. Never waits for

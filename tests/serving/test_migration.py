@@ -94,16 +94,49 @@ def test_prefill_worker_killed_mid_prefill(served2x2, engine):
     assert migrations(s) == {**before, "prefill": 1.0}
 
 
-def test_survivors_serve_and_free_everything(served2x2, engine):
-    """After both kills one prefill and one decode worker are left: they serve, and the requests
-    that were moved off the dead workers left nothing allocated on them."""
+def test_killed_workers_come_back(served2x2, engine):
+    """Killed workers are restarted by Ray in new processes (ray.max_restarts, default -1; those
+    the tests above killed came back too). The router notices, forgets what the old processes
+    cached, and places requests on them again: every worker serves, the answers are one
+    engine's, the index learns the new processes' chunks, and nothing stays allocated."""
     s = served2x2
-    r = s.client().completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
-    assert r.choices[0].text == engine.generate("The capital of France is", SamplingParams(max_tokens=8))[0].text
+
+    def long(i):  # 2 full chunks of 256 tokens, distinct per i
+        return f"Lighthouse log {i}: " + " ".join(["the keeper wrote down every passing ship and every storm"] * 60)
+
+    def holders(prompt):
+        r = httpx.post(s.base + "/debug/placement", json={"prompt": prompt}, timeout=30).json()
+        assert r["prompt_chunks"] >= 2
+        return {w for w, h in r["workers"].items() if h["chunks"] == r["prompt_chunks"]}
+
+    def ask(prompt):
+        r = s.client().completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        assert r.choices[0].text == engine.generate(prompt, SamplingParams(max_tokens=12))[0].text
+
+    for i in (0, 1):  # round robin: one on each prefill worker
+        ask(long(i))
+    old = wait_until(lambda: [p for p in (long(0), long(1)) if holders(p) == {"prefill-1"}], 10)
+    killed = {w: v["pid"] for w, v in s.stats()["workers"].items() if w in ("prefill-1", "decode-1")}
+    for pid in killed.values():
+        os.kill(pid, signal.SIGKILL)
+
+    def back():
+        ws = s.stats()["workers"]
+        return ws if all(w["alive"] for w in ws.values()) and all(ws[w]["pid"] != pid for w, pid in killed.items()) else None
+    wait_until(back, 180, interval=1)
+    assert "prefill-1" not in holders(old[0])  # the new process has none of the old one's chunks
+    for i in range(2, 6):  # round robin: each worker serves some
+        ask(long(i))
+    got = wait_until(lambda: [holders(long(i)) for i in range(2, 6)] if all(holders(long(i)) for i in range(2, 6))
+                     else None, 10)
+    assert all(len(h) == 1 for h in got) and {"prefill-1"} in got  # the restarted worker's chunks are indexed
 
     def idle():
-        ws = [w for w in s.stats()["workers"].values() if w["alive"]]
-        ok = len(ws) == 2 and all(w["running"] == 0 and w["held"] == 0 and w["free_blocks"] == w["total_blocks"]
-                                  for w in ws)
+        ws = s.stats()["workers"]
+        ok = all(w["running"] == 0 and w["held"] == 0 and w["free_blocks"] == w["total_blocks"] for w in ws.values())
         return ws if ok else None
-    wait_until(idle, 30)
+    ws = wait_until(idle, 30)
+    assert ws["prefill-1"]["requests"] > 0 and ws["decode-1"]["pulled_chunks"] > 0, ws
+    metrics = httpx.get(s.base + "/metrics", timeout=30).text
+    for w in killed:
+        assert float(metrics.split(f'lmdisagg_worker_restarts_total{{worker="{w}"}} ')[1].split()[0]) >= 1
