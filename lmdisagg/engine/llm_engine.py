@@ -246,9 +246,9 @@ class Engine(EngineBase):
         delta = self._detokenize(seq)
         finished = seq.finish_reason is not None
         prefill_done = seq.prefill_only and not finished
+        cached = min(seq.num_cached_tokens, seq.num_prompt_tokens)  # a resumed request's hits may go past it
         out = RequestOutput(seq.request_id, [token], delta, finished or prefill_done, seq.finish_reason,
-                            seq.num_prompt_tokens, min(seq.num_cached_tokens, seq.num_prompt_tokens), len(seq.output_token_ids),
-                            prefill_done=prefill_done)
+                            seq.num_prompt_tokens, cached, len(seq.output_token_ids), prefill_done=prefill_done)
         if finished:
             self.scheduler.remove(seq)
         elif prefill_done:

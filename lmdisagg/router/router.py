@@ -263,15 +263,15 @@ class Router:
             w.in_flight += 1
         p.in_flight_tokens += n_prompt
         finished = migrating = False
+        prefilling = True  # n_prompt still counts in p.in_flight_tokens
         serving = p  # the worker whose call is in progress (to blame if its actor dies)
         try:
             if self.colocated:
                 gen = p.actor.generate.remote(req)
-                first = True
                 async for delta in self._iter(gen, rt.first_token_timeout_s, deadline):
-                    if first:
+                    if prefilling:
                         p.in_flight_tokens -= n_prompt
-                        first = False
+                        prefilling = False
                     finished = delta.finished
                     yield delta
                 return
@@ -281,6 +281,7 @@ class Router:
                 raise TimeoutError_(f"prefill took over {rt.first_token_timeout_s:.0f} s") from None
             finally:
                 p.in_flight_tokens -= n_prompt
+                prefilling = False
             finished = res.first.finished
             yield res.first
             if res.handle is None:
@@ -301,6 +302,8 @@ class Router:
         finally:
             for w in involved.values():
                 w.in_flight -= 1
+            if prefilling:  # ended before its first token
+                p.in_flight_tokens -= n_prompt
             if not finished:
                 if not migrating:
                     self.metrics.aborted.inc()

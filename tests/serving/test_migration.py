@@ -122,7 +122,8 @@ def test_killed_workers_come_back(served2x2, engine):
 
     def back():
         ws = s.stats()["workers"]
-        return ws if all(w["alive"] for w in ws.values()) and all(ws[w]["pid"] != pid for w, pid in killed.items()) else None
+        new = all(ws[w]["pid"] != pid for w, pid in killed.items())
+        return ws if new and all(w["alive"] for w in ws.values()) else None
     wait_until(back, 180, interval=1)
     assert "prefill-1" not in holders(old[0])  # the new process has none of the old one's chunks
     for i in range(2, 6):  # round robin: each worker serves some
@@ -133,10 +134,40 @@ def test_killed_workers_come_back(served2x2, engine):
 
     def idle():
         ws = s.stats()["workers"]
-        ok = all(w["running"] == 0 and w["held"] == 0 and w["free_blocks"] == w["total_blocks"] for w in ws.values())
+        ok = all(w["running"] == 0 and w["held"] == 0 and w["free_blocks"] == w["total_blocks"]
+                 and w["router_in_flight"] == 0 and w["router_in_flight_prompt_tokens"] == 0 for w in ws.values())
         return ws if ok else None
     ws = wait_until(idle, 30)
     assert ws["prefill-1"]["requests"] > 0 and ws["decode-1"]["pulled_chunks"] > 0, ws
     metrics = httpx.get(s.base + "/metrics", timeout=30).text
     for w in killed:
         assert float(metrics.split(f'lmdisagg_worker_restarts_total{{worker="{w}"}} ')[1].split()[0]) >= 1
+
+
+def test_colocated_worker_killed_mid_stream(tmp_path, engine):
+    """The same in colocated mode (each worker prefills and decodes): the request moves to the
+    other worker, which computes prompt + the streamed tokens and goes on."""
+    cfg = yaml.safe_load((ROOT / "cluster_configs/colocated-cpu.yaml").read_text())
+    cfg["workers"].update(replicas=2, num_cpus=1)
+    path = tmp_path / "colocated2.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    s = start_serve(str(path))
+    try:
+        n = 48
+        prompt = "Once upon a time, in a harbour town,"
+        expected = engine.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        stream = s.client().completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                                               stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks, victim = [], None
+        for ch in stream:
+            chunks.append(ch)
+            if victim is None and sum(1 for c in chunks if c.choices) >= 6:
+                victim = kill(s, lambda w: w["running"] > 0, "generating")
+        assert victim is not None
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+        assert chunks[-1].usage.completion_tokens == n and chunks[-1].usage.prompt_tokens == expected.prompt_tokens
+        assert migrations(s) == {"both": 1.0}
+        ws = s.stats()["workers"]
+        assert all(w["router_in_flight"] == 0 and w["router_in_flight_prompt_tokens"] == 0 for w in ws.values()), ws
+    finally:
+        assert stop_serve(s) == 0, "".join(s.log[-40:])
