@@ -25,6 +25,8 @@ tokens slot -1 and length 0. Longer prefills, and mixed prefill + decode steps, 
 """
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
@@ -85,16 +87,26 @@ class _Graphs:
             for bucket in self.buckets:
                 self._forward(bucket)          # compile kernels, pick cuBLAS algorithms
         torch.cuda.current_stream(self.kv.device).wait_stream(stream)
-        for bucket in reversed(self.buckets):
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a KV pull's event query on another thread of this worker must not
-            # invalidate the capture (the default "global" mode forbids it process-wide)
-            # capture on a stream of the engine's device (torch's default capture stream is made
-            # once per process, on whichever device captured first)
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                logits = self._forward(bucket)
-            pool = graph.pool()
-            self.graphs[bucket] = (graph, logits)
+        # No garbage collection while capturing: it runs on this thread, and freeing an older
+        # engine's pinned memory there (cudaFreeHost synchronizes) invalidates the capture (seen
+        # on 2xH200: an engine built in a process that had dropped others)
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for bucket in reversed(self.buckets):
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a KV pull's event query on another thread of this worker must not
+                # invalidate the capture (the default "global" mode forbids it process-wide)
+                # capture on a stream of the engine's device (torch's default capture stream is
+                # made once per process, on whichever device captured first)
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    logits = self._forward(bucket)
+                pool = graph.pool()
+                self.graphs[bucket] = (graph, logits)
+        finally:
+            if was_enabled:
+                gc.enable()
         torch.cuda.synchronize(self.kv.device)
 
     def _launch(self, bucket: int, used: int) -> torch.Tensor:

@@ -177,3 +177,39 @@ def test_graph_prefill_equals_eager_prefill():
         del e
         torch.cuda.empty_cache()
     assert tokens[True] == tokens[False]
+
+
+def test_graphs_captured_while_the_collector_frees_old_engines(monkeypatch):
+    """An engine built in a process that dropped others (a test suite, a worker that rebuilds):
+    those engines sit in reference cycles, so the garbage collector frees them, and it may run
+    in the middle of the new engine's graph capture, on the capturing thread. That must not break
+    the capture (it did, in the serving tests on 2xH200). Here an old engine becomes cyclic
+    garbage right as the first capture begins, with the collector due at every allocation."""
+    import gc
+    kw = dict(model="smollm2-135m-dummy", device="cuda", dtype="float32", kv_cache_bytes=1 << 28, max_model_len=1024)
+    old = Engine(**kw)
+    cycle = [old]
+    cycle.append(cycle)
+    keep = [cycle]
+    del old, cycle
+    begin = torch.cuda.CUDAGraph.capture_begin
+
+    def capture_begin(self, *args, **kwargs):
+        begin(self, *args, **kwargs)
+        keep.clear()  # the old engine is garbage now, for the collector alone to free
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", capture_begin)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        e = Engine(**kw)
+    finally:
+        gc.set_threshold(*thresholds)
+        monkeypatch.undo()
+    assert not keep  # the capture did begin
+    gc.collect()
+    eager = Engine(**kw, cuda_graphs=False)
+    ids = random_ids(40, seed=3)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert e.generate(ids, params)[0].token_ids == eager.generate(ids, params)[0].token_ids
+    assert e.runner.graphs.steps > 0
