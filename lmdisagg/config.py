@@ -96,6 +96,11 @@ class RaySettings(_Strict):
                                                   "join the job's cluster or start a local one on 127.0.0.1")
     namespace: str = Field("lmdisagg", description="Ray namespace of the actors")
     worker_start_timeout_s: float = Field(300.0, gt=0, description="limit for loading the model in a worker")
+    lost_worker_wait_ms: int = Field(0, ge=0, description="a call to a worker whose connection broke waits this "
+                                     "long for Ray to confirm the worker died before it fails (and the router moves "
+                                     "the request): Ray's timeout_ms_task_wait_for_death_info, 1000 in Ray, 0 in "
+                                     "KubeRay's RayService clusters; set on the local cluster lmdisagg starts (a "
+                                     "cluster it joins keeps its own)")
     max_restarts: int = Field(-1, ge=-1, description="times Ray restarts a worker actor whose process died "
                                                      "(-1: every time, 0: never); the router places nothing on "
                                                      "it until it answers again, with empty caches")

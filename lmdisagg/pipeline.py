@@ -63,8 +63,11 @@ def ensure_ray(cfg: ClusterConfig) -> bool:
         ray_constants.ENABLE_RAY_CLUSTER = False
     roles = [cfg.workers] if cfg.mode == "colocated" else [cfg.prefill, cfg.decode]
     need = sum(r.replicas * r.num_cpus for r in roles)
+    # a call whose worker's connection broke fails after lost_worker_wait_ms unless Ray confirms
+    # the death sooner (Ray waits 1 s by default; KubeRay sets 0 for Ray Serve clusters)
     ray.init(namespace=cfg.ray.namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
-             num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), log_to_driver=True)
+             num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), log_to_driver=True,
+             _system_config={"timeout_ms_task_wait_for_death_info": cfg.ray.lost_worker_wait_ms})
     return True
 
 
