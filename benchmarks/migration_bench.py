@@ -18,7 +18,7 @@ Ray restarts the killed one, which the next round waits for.
     ratio       stall / baseline (1.0: the failure costs one prefill of the context, nothing more)
 
 Every resumed stream is checked against one engine's tokens. Writes
-benchmarks/results/migration_<host>.json.
+benchmarks/results/migration_<cpu | h100x2 ...>_<transport>_wait<ms>.json.
 """
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py, also whe
 from machine import describe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def host_tag(device: str) -> str:
+    """"cpu", or the GPUs as "h100x2" (the JSON names the hardware in full)."""
+    if device != "cuda":
+        return "cpu"
+    import torch
+    name = torch.cuda.get_device_name(0).split()
+    model = next((w for w in name if any(c.isdigit() for c in w)), name[-1]).lower()
+    return f"{model}x{torch.cuda.device_count()}"
 
 
 def main() -> None:
@@ -148,7 +158,7 @@ def main() -> None:
                 time.sleep(0.1)
     finally:
         pipe.shutdown()
-    out = Path(args.out) if args.out else RESULTS / f"migration_{args.device}_{args.transport}_wait{wait_ms}.json"
+    out = Path(args.out) if args.out else RESULTS / f"migration_{host_tag(args.device)}_{args.transport}_wait{wait_ms}.json"
     summary = {k: statistics.median(r[k] for r in rows)
                for k in ("stall_ms", "gap_ms", "detect_ms", "baseline_ttft_ms", "ratio")}
     data = {"benchmark": "migration_bench", "hardware": describe(args.device), "model": model,
