@@ -11,11 +11,12 @@ Ray restarts the killed one, which the next round waits for.
 
     stall       from the kill to the resumed stream's first token (tokens the killed worker had
                 sent before it died may arrive after the kill: they come first)
-    gap         the longest wait between two tokens the client sees, across the migration
+    gap         the wait between the two tokens the client sees around the migration
     detect      from the kill to the router knowing (Ray reports the actor dead): part of the stall
-    baseline    in the same process and round: time to first token of a fresh request as long as
-                the resumed context (prompt + streamed tokens): what recomputing it costs anyway
-    ratio       stall / baseline (1.0: the failure costs one prefill of the context, nothing more)
+    baseline    in the same process and round, sent first: time to first token of a fresh request
+                of prompt + --kill-after tokens, computed from nothing (the resumed prefill reuses
+                the prompt's cached chunks, so it costs less)
+    ratio       stall / baseline
 
 Every resumed stream is checked against one engine's tokens. Writes
 benchmarks/results/migration_<cpu | h100x2 ...>_<transport>_wait<ms>.json.
@@ -136,7 +137,8 @@ def main() -> None:
             print(f"round {rnd}: killed {victim} after {k} tokens, resumed after {j}; stall {stall * 1e3:8.1f} ms "
                   f"(the router knew after {detect * 1e3:.1f} ms), a fresh "
                   f"{len(context)}-token request's TTFT {ttft * 1e3:8.1f} ms (x{stall / ttft:.2f}); ITL "
-                  f"{rows[-1]['itl_ms_median']} ms; tokens {'==' if got == expected else '!='} one engine's", flush=True)
+                  f"{rows[-1]['itl_ms_median']} ms; tokens {'==' if got == expected else '!='} one engine's",
+                  flush=True)
             # Ray restarts the killed worker: wait for its new process before the next round
             deadline = time.monotonic() + 300
             while True:
@@ -158,14 +160,16 @@ def main() -> None:
                 time.sleep(0.1)
     finally:
         pipe.shutdown()
-    out = Path(args.out) if args.out else RESULTS / f"migration_{host_tag(args.device)}_{args.transport}_wait{wait_ms}.json"
+    name = f"migration_{host_tag(args.device)}_{args.transport}_wait{wait_ms}.json"
+    out = Path(args.out) if args.out else RESULTS / name
     summary = {k: statistics.median(r[k] for r in rows)
                for k in ("stall_ms", "gap_ms", "detect_ms", "baseline_ttft_ms", "ratio")}
     data = {"benchmark": "migration_bench", "hardware": describe(args.device), "model": model,
             "transport": args.transport, "device": args.device, "lost_worker_wait_ms": wait_ms,
             "timed": "stall: SIGKILL of the decoding worker -> the resumed stream's first token at the client "
-                     "(in-process Pipeline stream); gap: the wait between the two tokens around the migration; detect: SIGKILL -> the router counts the migration (it knows the actor "
-                     "died); baseline: TTFT of a fresh request as long as prompt + streamed tokens, same round; "
+                     "(in-process Pipeline stream); gap: the wait between the two tokens around the migration; "
+                     "detect: SIGKILL -> the router counts the migration (it knows the actor died); baseline: "
+                     "TTFT of a fresh request as long as prompt + --kill-after tokens, cold, same round; "
                      "ratio = stall / baseline",
             "summary_median": summary, "all_same_tokens": all(r["same_tokens"] for r in rows), "results": rows}
     out.parent.mkdir(parents=True, exist_ok=True)

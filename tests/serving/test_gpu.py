@@ -79,7 +79,8 @@ def test_decode_worker_killed_mid_stream_on_gpus(local_ray, transport):
                 victim = busy[0]
                 os.kill(who[victim], signal.SIGKILL)
         assert victim is not None and got == expected.token_ids
-        assert pipe.router.metrics.migrations.labels("decode")._value.get() == 1
+        migrated = pipe.router.metrics.registry.get_sample_value("lmdisagg_request_migrations_total", {"role": "decode"})
+        assert migrated == 1
         alive = [a for a in pipe.actors if a is not pipe.actors[list(who).index(victim)]]
         stats = {s.worker_id: s for s in local_ray.get([a.load.remote() for a in alive], timeout=30)}
         survivor = stats[next(w for w in stats if w.startswith("decode"))]
