@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--transport", default="shm")
     ap.add_argument("--model", default=None, help="default: smollm2-135m on CPU, its dummy shape on CUDA")
+    ap.add_argument("--dtype", default="float32", help="float32 (the default: resumed streams must match one "
+                    "engine's tokens) or bfloat16 (they may not: checked and reported)")
     ap.add_argument("--prompt-tokens", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--kill-after", type=int, default=32)
@@ -69,7 +71,7 @@ def main() -> None:
 
     cuda = args.device == "cuda"
     model = args.model or ("smollm2-135m-dummy" if cuda else "smollm2-135m")
-    engine_kw = {"device": args.device, "dtype": "float32", "kv_cache_bytes": 1 << 30, "max_model_len": 4096}
+    engine_kw = {"device": args.device, "dtype": args.dtype, "kv_cache_bytes": 1 << 30, "max_model_len": 4096}
     ref_engine = Engine(model=model, **engine_kw)
     pipe = Pipeline(model=model, prefill=Role(num_gpus=1 if cuda else 0),
                     decode=Role(replicas=2, num_gpus=0.5 if cuda else 0), transport=args.transport,
@@ -165,7 +167,7 @@ def main() -> None:
     summary = {k: statistics.median(r[k] for r in rows)
                for k in ("stall_ms", "gap_ms", "detect_ms", "baseline_ttft_ms", "ratio")}
     data = {"benchmark": "migration_bench", "hardware": describe(args.device), "model": model,
-            "transport": args.transport, "device": args.device, "lost_worker_wait_ms": wait_ms,
+            "transport": args.transport, "device": args.device, "dtype": args.dtype, "lost_worker_wait_ms": wait_ms,
             "timed": "stall: SIGKILL of the decoding worker -> the resumed stream's first token at the client "
                      "(in-process Pipeline stream); gap: the wait between the two tokens around the migration; "
                      "detect: SIGKILL -> the router counts the migration (it knows the actor died); baseline: "
@@ -177,7 +179,10 @@ def main() -> None:
     print(f"median stall {summary['stall_ms']:.1f} ms vs TTFT {summary['baseline_ttft_ms']:.1f} ms "
           f"(x{summary['ratio']:.2f}); wrote {out}")
     if not data["all_same_tokens"]:
-        raise SystemExit("a resumed stream differed from one engine's tokens")
+        if args.dtype == "float32":
+            raise SystemExit("a resumed stream differed from one engine's tokens")
+        print(f"(in {args.dtype} a resumed stream may leave one engine's greedy path: its streamed tokens' KV is "
+              f"recomputed by a prefill, whose rounding differs from the decode steps')")
 
 
 if __name__ == "__main__":
