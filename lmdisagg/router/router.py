@@ -230,8 +230,9 @@ class Router:
         A worker that dies while serving the request (its Ray actor is gone) loses nothing: the
         request is placed again on live workers and resumed there with the tokens it has
         streamed so far (they are computed with the prompt, then generation goes on), up to
-        ``router.max_migrations`` times. Greedy output is unchanged by a migration; a sampled
-        request draws the rest of its tokens afresh."""
+        ``router.max_migrations`` times. Greedy output is unchanged by a migration in fp32 (in
+        bf16 the recomputed KV rounds differently and may change the rest); a sampled request
+        draws the rest of its tokens afresh."""
         rt = self.config.router
         deadline = time.monotonic() + rt.request_timeout_s
         resumed: list[int] = list(req.resumed)
