@@ -88,8 +88,8 @@ class _Graphs:
                 self._forward(bucket)          # compile kernels, pick cuBLAS algorithms
         torch.cuda.current_stream(self.kv.device).wait_stream(stream)
         # No garbage collection while capturing: it runs on this thread, and freeing an older
-        # engine's pinned memory there (cudaFreeHost synchronizes) invalidates the capture (seen
-        # on 2xH200: an engine built in a process that had dropped others)
+        # engine there (its graphs, buffers) invalidates the capture (seen on 2xH200, in a process
+        # that had dropped engines; tests/engine/test_cuda.py reproduces it)
         gc.collect()
         was_enabled = gc.isenabled()
         gc.disable()

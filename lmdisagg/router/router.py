@@ -65,7 +65,7 @@ def unwrap(err: BaseException) -> BaseException:
         cause = getattr(err, "cause", None)
         if isinstance(cause, BaseException):
             return unwrap(cause)
-    if isinstance(err, (rex.RayActorError, getattr(rex, "ActorUnavailableError", rex.RayActorError))):
+    if _actor_died(err):
         return UnavailableError(f"worker unavailable: {err}")
     return err
 
@@ -238,14 +238,18 @@ class Router:
         resumed: list[int] = list(req.resumed)
         text_chars = req.num_text_emitted
         attempt = req
+        finished = False
         for migration in range(rt.max_migrations + 1):
             try:
                 async for delta in self._stream_once(attempt, deadline):
                     resumed += delta.token_ids
                     text_chars += len(delta.text)
+                    finished = delta.finished
                     yield delta
                 return
             except _WorkerDied as died:
+                if finished:  # it died after the last token (before its stream closed): nothing to resume
+                    return
                 if migration == rt.max_migrations:
                     raise UnavailableError(f"{died}; the request was resumed {migration} times, "
                                            f"router.max_migrations={rt.max_migrations}") from None

@@ -97,6 +97,8 @@ def test_killed_workers_come_back(served2x2, engine):
     cached, and places requests on them again: every worker serves, the answers are one
     engine's, the index learns the new processes' chunks, and nothing stays allocated."""
     s = served2x2
+    # the tests above killed workers: let Ray bring them back before choosing whom to kill
+    wait_until(lambda: all(w["alive"] for w in s.stats()["workers"].values()), 180, interval=1)
 
     def long(i):  # 2 full chunks of 256 tokens, distinct per i
         return f"Lighthouse log {i}: " + " ".join(["the keeper wrote down every passing ship and every storm"] * 60)
