@@ -8,7 +8,8 @@ per token bucket serves any mix of prompts and cached prefixes (lmdisagg.engine.
     block_tables: [S, max_blocks] int           token j of sequence s: block_tables[s, j // T], row j % T
     tiles:        [max_tiles, 4] int            (sequence row, first row of q, rows, position of
                                                 that first row); a tile's rows are consecutive
-                                                tokens of one sequence, at most tile_tokens(Hq, Hkv);
+                                                tokens of one sequence, at most
+                                                tile_tokens(Hq, Hkv, q.dtype);
                                                 rows = 0: a padding tile (does nothing)
     token_lens:   [N] int                       keys each row attends to: its position + 1
                                                 (0 = a padded row: output zeros)
@@ -35,15 +36,24 @@ import triton.language as tl
 
 from lmdisagg.kernels._paged import attend_tile, reduce_splits
 
-ROWS = 64        # (token, head) rows per program
-BLOCK_N = 64     # keys per inner tile
+ROWS = 64        # (token, head) rows per program (2-byte floats; half as many for fp32)
+BLOCK_N = 64     # keys per inner tile (2-byte floats; half as many for fp32)
 MIN_SPLIT = 1024  # keys per split, at least
 MAX_SPLITS = 16   # splits per row, at most (bounds the partial buffers of long contexts)
 
 
-def tile_tokens(hq: int, hkv: int) -> int:
-    """Tokens per tile: a program holds ROWS (token, query head) rows."""
-    return max(1, ROWS // triton.next_power_of_2(hq // hkv))
+def _wide(dtype: torch.dtype | None) -> bool:
+    """fp32 tiles take twice the registers of 16-bit ones and get no tensor cores: at the 16-bit
+    tile sizes they spill (an H100 probe: 3.7-36 ms per layer against 0.2-4.4 ms with half the rows
+    and keys, at SmolLM2 and Llama-3-8B head shapes), so fp32 programs take half of each."""
+    return dtype is not None and dtype.itemsize > 2
+
+
+def tile_tokens(hq: int, hkv: int, dtype: torch.dtype | None = None) -> int:
+    """Tokens per tile for queries of ``dtype``: a program holds ROWS (token, query head) rows
+    (ROWS // 2 in fp32). The tiles a kernel call gets must be made with the same dtype."""
+    rows = ROWS // 2 if _wide(dtype) else ROWS
+    return max(1, rows // triton.next_power_of_2(hq // hkv))
 
 
 def split_size(max_model_len: int) -> int:
@@ -136,9 +146,10 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                             block_tables: torch.Tensor, tiles: torch.Tensor, token_lens: torch.Tensor,
                             max_model_len: int, scale: float | None = None,
                             out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton version of ``paged_prefill_attention_ref``. ``tiles`` comes from ``make_tiles``
-    (padded with rows = 0 as a graph needs); ``max_model_len`` fixes the split size and grid, so
-    every call of an engine takes the same reduction order. ``out`` may be a strided view."""
+    """Triton version of ``paged_prefill_attention_ref``. ``tiles`` comes from ``make_tiles`` with
+    ``tile_tokens(Hq, Hkv, q.dtype)`` (padded with rows = 0 as a graph needs); ``max_model_len``
+    fixes the split size and grid, so every call of an engine takes the same reduction order.
+    ``out`` may be a strided view."""
     n, hq, d = q.shape
     t, hkv = kv_cache.shape[3], kv_cache.shape[4]
     g = hq // hkv
@@ -163,7 +174,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_tables.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), split,
-        T=t, G=g, D=d, BLOCK_G=block_g, BLOCK_M=tile_tokens(hq, hkv), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        T=t, G=g, D=d, BLOCK_G=block_g, BLOCK_M=tile_tokens(hq, hkv, q.dtype), BLOCK_D=block_d,
+        BLOCK_N=BLOCK_N // 2 if _wide(q.dtype) else BLOCK_N,
         UPCAST=interpret, PRECISION=precision, num_warps=4, num_stages=2)
     reduce_splits[(n, hq)](
         mid_o, mid_lse, token_lens, out, split,

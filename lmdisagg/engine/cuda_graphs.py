@@ -209,7 +209,7 @@ class PrefillGraphs(_Graphs):
         self.max_seqs = max_seqs
         self.buckets = token_buckets(max_tokens)
         self.max_tokens = n = self.buckets[-1]
-        self.tile_tokens = tile_tokens(cfg.num_heads, cfg.num_kv_heads)
+        self.tile_tokens = tile_tokens(cfg.num_heads, cfg.num_kv_heads, kv.dtype)  # q has the cache's dtype
         self.max_blocks = -(-max_model_len // chunk_tokens)
         self.max_tiles = self._tiles(n)
         self._tables_at = self.FIELDS * n + max_seqs + 4 * self.max_tiles

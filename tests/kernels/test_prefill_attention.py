@@ -25,7 +25,7 @@ def random_case(device, dtype, hq, hkv, d, t, seqs, seed, pad_rows=0, pad_tiles=
         rows.append((row, n, c))
         lens += list(range(c + 1, c + n + 1))
         row += n
-    tiles = make_tiles(rows, tile_tokens(hq, hkv)) + [(0, 0, 0, 0)] * pad_tiles
+    tiles = make_tiles(rows, tile_tokens(hq, hkv, dtype)) + [(0, 0, 0, 0)] * pad_tiles
     q = torch.randn(row + pad_rows, hq, d, generator=g).to(dtype).to(device)
     return (q, cache, tables, torch.tensor(tiles, dtype=torch.int64, device=device),
             torch.tensor(lens + [0] * pad_rows, dtype=torch.int64, device=device))
