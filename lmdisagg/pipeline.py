@@ -40,6 +40,7 @@ class Completion:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    logprobs: list | None = None  # per token, with logprobs=k (lmdisagg.engine.request.TokenLogprob)
 
 
 def ensure_ray(cfg: ClusterConfig) -> bool:
@@ -241,13 +242,15 @@ class Pipeline:
 
     def generate(self, prompt, *, chat: bool = False, timeout: float = 600.0, **params) -> Completion:
         """Run one prompt (text, token ids, or with chat=True a message list) to completion."""
-        text, ids, last = "", [], None
+        text, ids, lps, last = "", [], None, None
         for d in self.stream(prompt, chat=chat, timeout=timeout, **params):
             text += d.text
             ids += d.token_ids
+            if d.logprobs is not None:
+                lps = (lps or []) + d.logprobs
             last = d
         return Completion(text, ids, last.finish_reason, last.prompt_tokens, last.cached_tokens,
-                          last.completion_tokens)
+                          last.completion_tokens, lps)
 
     def worker_stats(self) -> dict:
         """Each worker's load and counters, by worker id."""

@@ -45,6 +45,7 @@ class GenerationResult:
     finish_reason: str | None
     ttft_s: float = 0.0  # add_request -> first token
     e2e_s: float = 0.0   # add_request -> finished
+    logprobs: list | None = None  # per generated token, when params.logprobs is set (request.TokenLogprob)
 
 
 @dataclass
@@ -229,11 +230,11 @@ class Engine(EngineBase):
                 self.stats.prompt_tokens += seq.num_prompt_tokens
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
             self.stats.computed_prompt_tokens += computed
-        tokens = self.runner.run(prefills, decodes)
+        tokens, logprobs = self.runner.run(prefills, decodes)
         self.stats.steps += 1
-        return [self._postprocess(seq, tok) for seq, tok in zip(prefills + decodes, tokens)]
+        return [self._postprocess(seq, tok, lp) for seq, tok, lp in zip(prefills + decodes, tokens, logprobs)]
 
-    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, token: int, logprob=None) -> RequestOutput:
         seq.num_computed_tokens = len(seq)
         seq.token_ids.append(token)
         self.stats.generated_tokens += 1
@@ -248,7 +249,8 @@ class Engine(EngineBase):
         prefill_done = seq.prefill_only and not finished
         cached = min(seq.num_cached_tokens, seq.num_prompt_tokens)  # a resumed request's hits may go past it
         out = RequestOutput(seq.request_id, [token], delta, finished or prefill_done, seq.finish_reason,
-                            seq.num_prompt_tokens, cached, len(seq.output_token_ids), prefill_done=prefill_done)
+                            seq.num_prompt_tokens, cached, len(seq.output_token_ids), prefill_done=prefill_done,
+                            logprobs=None if logprob is None else [logprob])
         if finished:
             self.scheduler.remove(seq)
         elif prefill_done:
@@ -492,6 +494,8 @@ class Engine(EngineBase):
                     r.ttft_s = time.perf_counter() - t0
                 r.token_ids += out.new_token_ids
                 r.text += out.text_delta
+                if out.logprobs is not None:
+                    r.logprobs = (r.logprobs or []) + out.logprobs
                 r.cached_tokens = out.cached_tokens
                 if out.finished:
                     r.finish_reason = out.finish_reason

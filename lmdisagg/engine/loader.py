@@ -81,6 +81,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens included), as logprobs name tokens."""
+        return self.hf.batch_decode([[i] for i in ids], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         if not self.hf.chat_template:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")

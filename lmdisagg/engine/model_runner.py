@@ -191,7 +191,8 @@ class ModelRunner:
 
     # --- the step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, prefills: list[Sequence], decodes: list[Sequence]) -> list[int]:
+    def run(self, prefills: list[Sequence], decodes: list[Sequence]) -> tuple[list[int], list]:
+        """One step: each sequence's next token, and its logprobs (``sampler.sample``)."""
         with self._on_device:
             if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
                 logits = self.graphs.run(decodes)                          # [B, vocab]

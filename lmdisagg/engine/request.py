@@ -9,6 +9,13 @@ import torch
 from lmdisagg.errors import InvalidRequestError
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
+
+# One generated token's log-probability under the model (its raw logits, before temperature and
+# top_p) and the ``logprobs`` most likely tokens' [(token id, log-probability)], most likely first.
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -18,6 +25,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()        # stop strings; the matched text is not returned
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False          # keep going past EOS (benchmark clients)
+    logprobs: int | None = None       # log-probability of each generated token and of this many
+    #                                   most likely alternatives (0..MAX_LOGPROBS); None: none
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
@@ -29,6 +38,10 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be non-empty strings", param="stop")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+                                      param="logprobs")
 
 
 class Status(enum.Enum):
@@ -86,3 +99,4 @@ class RequestOutput:
     cached_tokens: int                # prompt tokens served from the prefix cache
     completion_tokens: int            # generated so far
     prefill_done: bool = False        # a prefill_only request finished its prefill (blocks held)
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lmdisagg.engine.request import Sequence
+from lmdisagg.engine.request import Sequence, TokenLogprob
 
 
 def to_host(t: torch.Tensor, pinned: torch.Tensor | None = None) -> list:
@@ -26,8 +26,33 @@ def to_host(t: torch.Tensor, pinned: torch.Tensor | None = None) -> list:
     return host.tolist()
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | None = None) -> list[int]:
-    # logits: [B, vocab] fp32, row i belongs to seqs[i]; pinned: see to_host
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           pinned: torch.Tensor | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [B, vocab] fp32, row i belongs to seqs[i]; pinned: see to_host. -> each sequence's
+    next token, and its log-probabilities where its request asked for them (else None)."""
+    tokens = _sample(logits, seqs, pinned)
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(seqs)
+    if want:
+        for i, lp in zip(want, token_logprobs(logits, want, [tokens[i] for i in want],
+                                              [seqs[i].params.logprobs for i in want])):
+            out[i] = lp
+    return tokens, out
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], chosen: list[int], top: list[int]) -> list[TokenLogprob]:
+    """log_softmax of the raw logits of ``rows``: the ``chosen`` token's value and the ``top[j]``
+    largest (token, value) pairs of row j, largest first (what vLLM returns by default)."""
+    dev = logits.device
+    lsm = torch.log_softmax(logits.index_select(0, torch.tensor(rows, device=dev)).float(), dim=-1)  # [R, vocab]
+    picked = lsm.gather(1, torch.tensor(chosen, device=dev).view(-1, 1)).view(-1).tolist()
+    k = max(top)
+    best_lp, best_id = lsm.topk(k, dim=-1) if k else (lsm[:, :0], lsm[:, :0].long())
+    best_lp, best_id = best_lp.tolist(), best_id.tolist()
+    return [(picked[j], tuple(zip(best_id[j][:top[j]], best_lp[j][:top[j]]))) for j in range(len(rows))]
+
+
+def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | None) -> list[int]:
     greedy = to_host(logits.argmax(dim=-1), pinned)
     out = []
     for i, seq in enumerate(seqs):

@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models (what real clients send) and response builders.
 
-Fields we accept but do not act on are listed in ``_IGNORED``; fields we cannot honour
-(``logprobs``, ``echo`` with text, ``best_of`` > n, tools) are rejected with 400 rather than
-silently dropped.
+Fields we cannot honour (``echo``, ``best_of`` > n, tools) are rejected with 400 rather than
+silently dropped. ``logprobs`` are the generated tokens' own: no prompt logprobs (they need
+``echo``).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lmdisagg.engine.request import MAX_LOGPROBS
 from lmdisagg.errors import InvalidRequestError
 
 
@@ -50,8 +51,11 @@ class _Common(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def check_supported(self) -> None:
-        if self.logprobs not in (None, False, 0):
-            raise InvalidRequestError("logprobs are not supported by this server", param="logprobs")
+        pass
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per generated token to return with its log-probability; None: no logprobs."""
+        raise NotImplementedError
 
 
 class CompletionRequest(_Common):
@@ -68,6 +72,17 @@ class CompletionRequest(_Common):
         if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
+
+    def logprob_count(self) -> int | None:
+        lp = self.logprobs  # the legacy API: an integer, up to 5 at OpenAI (we allow MAX_LOGPROBS)
+        if lp is None or lp is False:
+            return None
+        if lp is True:
+            raise InvalidRequestError(f"logprobs of a completion is a number of alternatives per token, "
+                                      f"0 to {MAX_LOGPROBS}, not true", param="logprobs")
+        if not 0 <= lp <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {lp}", param="logprobs")
+        return lp
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -99,6 +114,18 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     tools: list | None = None
+    top_logprobs: int | None = None
+
+    def logprob_count(self) -> int | None:
+        lp, top = self.logprobs, self.top_logprobs
+        if lp is not None and not isinstance(lp, bool):
+            raise InvalidRequestError("logprobs of a chat completion is true or false; the number of "
+                                      "alternatives is top_logprobs", param="logprobs")
+        if top is not None and lp is not True:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs")
+        return (top or 0) if lp else None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -115,14 +142,33 @@ def usage(prompt: int, completion: int, cached: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def logprobs_object(entries: list[tuple[str, float, list[tuple[str, float]]]], chat: bool,
+                    offset: int = 0) -> dict:
+    """OpenAI's ``logprobs`` of a choice (or of one streamed chunk of it) from its tokens'
+    (text, log-probability, [(alternative's text, log-probability)]). Chat: ``content`` items
+    with UTF-8 ``bytes``; completions: the legacy parallel lists, whose ``top_logprobs`` also hold
+    the sampled token (as OpenAI's do) and whose ``text_offset`` counts from ``offset``."""
+    if chat:
+        def item(t: str, lp: float) -> dict:
+            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+        return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]}
+                            for t, lp, top in entries], "refusal": None}
+    offsets = []
+    for t, _, _ in entries:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{**dict(top), t: lp} for t, lp, top in entries], "text_offset": offsets}
+
+
 def completion_response(rid: str, model: str, choices: list[dict], use: dict, chat: bool) -> dict:
     if chat:
         body = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                 "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices]
+                 "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]} for c in choices]
         obj = "chat.completion"
     else:
-        body = [{"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]}
-                for c in choices]
+        body = [{"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"),
+                 "finish_reason": c["finish_reason"]} for c in choices]
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": body, "usage": use}
 

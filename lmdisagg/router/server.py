@@ -142,6 +142,7 @@ class OpenAIServer:
         else:
             prompts = [r.encode_prompt(p) for p in body.prompts()]
             max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        logprobs = body.logprob_count()
         out = []
         base = uuid.uuid4().hex
         for pi, ids in enumerate(prompts):
@@ -151,7 +152,8 @@ class OpenAIServer:
                 params = SamplingParams(
                     max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=body.stop_list(),
-                    stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos)
+                    stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+                    logprobs=logprobs)
                 r.check(ids, params)
                 out.append((pi * body.n + i, GenerateRequest(f"{base}-{pi}-{i}", ids, params)))
         return out
@@ -228,12 +230,14 @@ class OpenAIServer:
         m = self.router.metrics
         texts = {i: "" for i, _ in reqs}
         token_ids: dict[int, list[int]] = {i: [] for i, _ in reqs}
+        entries: dict[int, list] = {i: [] for i, _ in reqs}
         finish = {i: None for i, _ in reqs}
         last = {}
         try:
             async for i, d in self._run_choices(reqs, arrival):
                 texts[i] += d.text
                 token_ids[i] += d.token_ids
+                entries[i] += self._logprob_entries(d)
                 if d.finished:
                     finish[i] = d.finish_reason
                 last[i] = d
@@ -243,12 +247,23 @@ class OpenAIServer:
         use = self._usage(reqs, last)
         self._record(use, arrival)
         m.requests.labels(endpoint, "200").inc()
-        choices = [{"index": i, "text": texts[i], "finish_reason": finish[i]} for i in sorted(texts)]
+        want = reqs[0][1].params.logprobs is not None
+        choices = [{"index": i, "text": texts[i], "finish_reason": finish[i],
+                    "logprobs": P.logprobs_object(entries[i], chat) if want else None} for i in sorted(texts)]
         resp = P.completion_response(rid, self.router.model_name, choices, use, chat)
         if return_ids:  # vLLM's return_token_ids extension
             for c in resp["choices"]:
                 c["token_ids"] = token_ids[c["index"]]
         return web.json_response(resp)
+
+    def _logprob_entries(self, d) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        """A delta's logprobs with each token as text: (token, logprob, [(alternative, logprob)])."""
+        if not d.logprobs:
+            return []
+        tok = self.router.tokenizer
+        ids = list(d.token_ids) + [a for _, top in d.logprobs for a, _ in top]
+        text = dict(zip(ids, tok.token_texts(ids))) if tok is not None else {t: f"token_id:{t}" for t in ids}
+        return [(text[t], lp, [(text[a], alp) for a, alp in top]) for t, (lp, top) in zip(d.token_ids, d.logprobs)]
 
     @staticmethod
     def _usage(reqs, last: dict) -> dict:
@@ -274,16 +289,24 @@ class OpenAIServer:
             await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
         last = {}
+        want = reqs[0][1].params.logprobs is not None
+        offset = {i: 0 for i, _ in reqs}  # completions' text_offset: characters of token text sent
         try:
             if chat:
                 for i, _ in reqs:
                     await send(P.stream_chunk(rid, model, i, "", None, chat, role=True, created=created))
             async for i, d in self._run_choices(reqs, arrival):
                 last[i] = d
-                if d.text or (return_ids and d.token_ids):
+                # a chunk per step that made text, or tokens whose ids or logprobs were asked for
+                # (a token can make no text yet: part of a UTF-8 character or of a stop string)
+                if d.text or ((return_ids or want) and d.token_ids):
                     chunk = P.stream_chunk(rid, model, i, d.text, None, chat, created=created)
                     if return_ids:
                         chunk["choices"][0]["token_ids"] = d.token_ids
+                    if want:
+                        entries = self._logprob_entries(d)
+                        chunk["choices"][0]["logprobs"] = P.logprobs_object(entries, chat, offset[i])
+                        offset[i] += sum(len(t) for t, _, _ in entries)
                     await send(chunk)
                 if d.finished:
                     await send(P.stream_chunk(rid, model, i, None if chat else "", d.finish_reason, chat,

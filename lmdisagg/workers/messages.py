@@ -39,6 +39,7 @@ class TokenDelta:
     prompt_tokens: int
     cached_tokens: int              # prompt tokens not computed by the worker that prefilled
     completion_tokens: int          # generated so far
+    logprobs: list | None = None    # one engine.request.TokenLogprob per token, if the request asked
 
 
 @dataclass

@@ -128,6 +128,27 @@ def test_prefix_cache_hit_matches_hf(cuda_engine, hf_cuda):
     assert_hf_greedy(hf_cuda, prefix + random_ids(7, seed=14), rc.token_ids)
 
 
+def test_logprobs_match_hf(cuda_engine, hf_cuda):
+    """Logprobs computed on the GPU (graph decode steps, and a graph prefill after a cache hit)
+    equal HF's log_softmax, and the top alternatives are HF's, in order."""
+    t = cuda_engine.config.chunk_tokens
+    prefix = random_ids(t + 40, seed=21)
+    cuda_engine.generate(prefix, SamplingParams(max_tokens=1))  # cache its first chunk
+    prompt = prefix + random_ids(9, seed=22)
+    k = 4
+    r = cuda_engine.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True, logprobs=k))[0]
+    assert r.cached_tokens == t and len(r.logprobs) == 10
+    with torch.no_grad():
+        lsm = torch.log_softmax(hf_cuda(torch.tensor([prompt + r.token_ids], device="cuda")).logits[0].float(), -1)
+    for j, (tok, (lp, top)) in enumerate(zip(r.token_ids, r.logprobs)):
+        row = lsm[len(prompt) - 1 + j]
+        assert lp == pytest.approx(row[tok].item(), abs=2e-3)
+        # HF's k largest values, and each named alternative's value is HF's for that token
+        # (near-ties, common with random weights, may name other tokens than HF's topk)
+        assert [v for _, v in top] == pytest.approx(row.topk(k).values.tolist(), abs=2e-3)
+        assert [row[a].item() for a, _ in top] == pytest.approx([v for _, v in top], abs=2e-3)
+
+
 def test_graph_decode_equals_eager_decode():
     """Same model, same bf16 kernels; graphs on or off must not change one token. Batch sizes are
     bucket sizes, so both paths run matmuls of the same shapes."""

@@ -53,3 +53,32 @@ def test_chat_stops_at_eos(engine):
     assert r.finish_reason == "stop"
     assert r.token_ids[-1] in engine.eos_token_ids
     assert "4" in r.text and "<|im_end|>" not in r.text
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_logprobs_match_hf(engine, hf_model, temperature):
+    """Each generated token's log-probability and its top alternatives equal HF's log_softmax of
+    the model's logits at that position (raw logits: temperature does not change them)."""
+    import torch
+    prompt, n, k = PROMPTS[3], 12, 5
+    params = SamplingParams(max_tokens=n, ignore_eos=True, temperature=temperature, seed=3, logprobs=k)
+    r = engine.generate(prompt, params)[0]
+    assert r.logprobs is not None and len(r.logprobs) == len(r.token_ids) == n
+    ids = engine.encode(prompt) + r.token_ids
+    with torch.no_grad():
+        lsm = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)  # [len, vocab]
+    p0 = len(ids) - n - 1  # the logits row that predicts the first generated token
+    for j, (tok, (lp, top)) in enumerate(zip(r.token_ids, r.logprobs)):
+        row = lsm[p0 + j]
+        assert lp == pytest.approx(row[tok].item(), abs=1e-4)
+        want_lp, want_id = row.topk(k)
+        assert [t for t, _ in top] == want_id.tolist()
+        assert [v for _, v in top] == pytest.approx(want_lp.tolist(), abs=1e-4)
+        if temperature == 0.0:
+            assert top[0][0] == tok and top[0][1] == pytest.approx(lp, abs=1e-6)
+    # asked for none: none computed
+    assert engine.generate(prompt, SamplingParams(max_tokens=2))[0].logprobs is None
+    # 0 alternatives: each token's own value only
+    r0 = engine.generate(prompt, SamplingParams(max_tokens=3, logprobs=0))[0]
+    assert [len(top) for _, top in r0.logprobs] == [0, 0, 0]
+    assert r0.logprobs[0][0] == pytest.approx(lsm[p0][r0.token_ids[0]].item(), abs=1e-4)  # row p0: the prompt's

@@ -89,6 +89,51 @@ def test_sampling_options(served, engine):
     assert len({ch.text for ch in r.choices}) > 1
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_logprobs_equal_engine(served, engine, chat):
+    """logprobs through the disaggregated path (the first token's computed by the prefill worker,
+    the rest by the decode worker) equal one engine's, streamed and not, in OpenAI's shapes."""
+    c = served.client()
+    prompt, n, k = "Name three rivers in Europe.", 24, 3
+    expected = ref(engine, prompt, n, chat=chat, logprobs=k, ignore_eos=True)
+    kw = dict(model=MODEL, max_tokens=n, temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+
+    def flatten(lp):  # -> [(token, logprob, {alternative: logprob})]
+        if chat:
+            return [(e.token, e.logprob, {a.token: a.logprob for a in e.top_logprobs}) for e in lp.content]
+        return [(t, v, dict(top)) for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)]
+
+    if chat:
+        msgs = [{"role": "user", "content": prompt}]
+        full = c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=k, **kw)
+        chunks = list(c.chat.completions.create(messages=msgs, logprobs=True, top_logprobs=k, stream=True, **kw))
+        assert all(e.bytes == list(e.token.encode()) for e in full.choices[0].logprobs.content)
+    else:
+        full = c.completions.create(prompt=prompt, logprobs=k, **kw)
+        chunks = list(c.completions.create(prompt=prompt, logprobs=k, stream=True, **kw))
+        lp = full.choices[0].logprobs  # each token's offset in the text: the tokens before it
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+        streamed_offsets = [o for ch in chunks if ch.choices and ch.choices[0].logprobs
+                            for o in ch.choices[0].logprobs.text_offset]
+        assert streamed_offsets == lp.text_offset
+    got = flatten(full.choices[0].logprobs)
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in flatten(ch.choices[0].logprobs)]
+    assert full.choices[0].model_extra["token_ids"] == expected.token_ids
+    texts = engine.tokenizer.token_texts(expected.token_ids)
+    assert [t for t, _, _ in got] == [t for t, _, _ in streamed] == texts
+    for (t, v, top), (sv, stop_), (want, alts) in zip(got, [(v, a) for _, v, a in streamed], expected.logprobs):
+        assert v == pytest.approx(want, abs=1e-4) and sv == pytest.approx(want, abs=1e-4)
+        alt = dict(zip(engine.tokenizer.token_texts([a for a, _ in alts]), (x for _, x in alts)))
+        if not chat:
+            alt[t] = want  # the legacy API's top_logprobs also hold the sampled token
+        assert top.keys() == stop_.keys() == alt.keys()
+        assert all(top[a] == pytest.approx(alt[a], abs=1e-4) for a in alt)
+    assert len(got) == n and full.usage.completion_tokens == n
+    # without the field, no logprobs
+    plain = c.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_sixteen_concurrent_streams(served, engine):
     prompts = [f"Tell me fact number {i} about the ocean." for i in range(16)]
     refs = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))  # one batch
@@ -117,6 +162,14 @@ BAD = [
     ("completions", json.dumps({"model": MODEL, "prompt": ""}).encode(), 400),
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "temperature": 7}).encode(), 400),
     ("completions", json.dumps({"model": MODEL, "prompt": "x" * (5 << 20)}).encode(), 413),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "logprobs": 21}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "logprobs": True}).encode(), 400),
+    ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "top_logprobs": 2}).encode(), 400),
+    ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "logprobs": True, "top_logprobs": 21}).encode(), 400),
+    ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "logprobs": 3}).encode(), 400),
 ]
 
 
