@@ -158,6 +158,8 @@ class Engine(EngineBase):
         if set(map(type, prompt_token_ids)) != {int} or min(prompt_token_ids) < 0 \
                 or max(prompt_token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if any(tok >= vocab for tok, _ in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise ContextLengthError(

@@ -27,6 +27,20 @@ class SamplingParams:
     ignore_eos: bool = False          # keep going past EOS (benchmark clients)
     logprobs: int | None = None       # log-probability of each generated token and of this many
     #                                   most likely alternatives (0..MAX_LOGPROBS); None: none
+    # logits processing, in this order (as vLLM): logit_bias, the penalties; then greedy takes the
+    # argmax, sampling applies temperature, min_p, top_k, top_p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
+    repetition_penalty: float = 1.0   # > 0; tokens of prompt + output: logit / p if > 0 else * p
+    frequency_penalty: float = 0.0    # [-2, 2]; minus this times the token's count in the output
+    presence_penalty: float = 0.0     # [-2, 2]; minus this once for a token in the output
+    min_p: float = 0.0                # [0, 1]; drop tokens under min_p times the top probability
+    top_k: int = 0                    # keep the k most likely tokens; 0 or -1: all
+
+    @property
+    def processes_logits(self) -> bool:
+        """True when the logits are changed before sampling (not only temperature / top_p)."""
+        return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
+            or self.presence_penalty != 0.0
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
@@ -38,6 +52,21 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be non-empty strings", param="stop")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}", param=name)
+        if not self.repetition_penalty > 0.0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                                      param="repetition_penalty")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}",
+                                      param="top_k")
+        for tok, bias in self.logit_bias:
+            if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 or not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError(f"logit_bias maps token ids to values in [-100, 100], got {tok!r}: {bias!r}",
+                                          param="logit_bias")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, or temperature + top-p with a per-request seeded generator."""
+"""Token sampling: greedy, or temperature + min_p / top_k / top_p with a per-request seeded
+generator; logit_bias and the repetition / frequency / presence penalties first (as vLLM)."""
 from __future__ import annotations
 
 import torch
@@ -53,6 +54,11 @@ def token_logprobs(logits: torch.Tensor, rows: list[int], chosen: list[int], top
 
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | None) -> list[int]:
+    if any(s.params.processes_logits for s in seqs):  # a copy: logprobs are the raw logits'
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            if seq.params.processes_logits:
+                process_logits(logits[i], seq)
     greedy = to_host(logits.argmax(dim=-1), pinned)
     out = []
     for i, seq in enumerate(seqs):
@@ -61,6 +67,12 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
             out.append(greedy[i])
             continue
         probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        if p.min_p > 0.0 or p.top_k > 0:
+            if p.min_p > 0.0:
+                probs = probs * (probs >= p.min_p * probs.max())  # keeps the top token
+            if 0 < p.top_k < probs.numel():
+                probs = probs * (probs >= probs.topk(p.top_k).values[-1])
+            probs = probs / probs.sum()
         if p.top_p < 1.0:
             sorted_p, idx = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < p.top_p   # always keeps the top token
@@ -71,3 +83,22 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
             probs = probs.to(gen.device)
         out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
     return out
+
+
+def process_logits(row: torch.Tensor, seq: Sequence) -> None:
+    """In place on one sequence's logits [vocab]: logit_bias, then the repetition penalty (tokens
+    of prompt + output, as HF transformers and vLLM), then the frequency and presence penalties
+    (tokens of the output, as OpenAI)."""
+    p = seq.params
+    dev = row.device
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
+        row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=row.dtype, device=dev))
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), device=dev)
+        v = row[seen]
+        row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    out = seq.output_token_ids
+    if out and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
+        ids, counts = torch.tensor(out, device=dev).unique(return_counts=True)
+        row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty

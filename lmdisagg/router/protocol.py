@@ -1,7 +1,7 @@
 """The OpenAI wire format: request models (what real clients send) and response builders.
 
-Fields we cannot honour (``echo``, ``best_of`` > n, tools) are rejected with 400 rather than
-silently dropped. ``logprobs`` are the generated tokens' own: no prompt logprobs (they need
+Fields we cannot honour (``echo``, ``best_of`` > n, tools, structured output and the others in
+``_NEUTRAL``) are rejected with 400 rather than silently dropped. ``logprobs`` are the generated tokens' own: no prompt logprobs (they need
 ``echo``).
 """
 from __future__ import annotations
@@ -13,6 +13,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lmdisagg.engine.request import MAX_LOGPROBS
 from lmdisagg.errors import InvalidRequestError
+
+
+# fields real clients send that this server cannot honour: refused (400) unless set to what
+# they mean when absent (any other unknown field is ignored: clients send vendor fields)
+_NEUTRAL = {
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") in (None, "text")),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "tool_choice": lambda v: v in (None, "none"),
+    "suffix": lambda v: not v,
+    "prompt_logprobs": lambda v: v is None,                       # vLLM: needs echo
+    "min_tokens": lambda v: not v,                                # vLLM
+    "bad_words": lambda v: not v,                                 # vLLM
+    "include_stop_str_in_output": lambda v: not v,                # vLLM
+    "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None,  # vLLM structured output
+    "guided_choice": lambda v: v is None, "guided_grammar": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "modalities": lambda v: v is None or v == ["text"],
+    "audio": lambda v: v is None,
+}
 
 
 class StreamOptions(BaseModel):
@@ -37,6 +57,12 @@ class _Common(BaseModel):
     logprobs: Union[bool, int, None] = None
     user: str | None = None
     return_token_ids: bool = False         # vLLM extension: token ids in each choice
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = None  # vLLM extensions, as its benchmark clients send them
+    top_k: int | None = None
+    min_p: float | None = None
 
     @field_validator("n")
     @classmethod
@@ -51,7 +77,23 @@ class _Common(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def check_supported(self) -> None:
-        pass
+        for name, value in (self.model_extra or {}).items():
+            neutral = _NEUTRAL.get(name)
+            if neutral is not None and not neutral(value):
+                raise InvalidRequestError(f"{name} is not supported by this server", param=name)
+
+    def processing(self) -> dict:
+        """SamplingParams fields for logit_bias, the penalties, top_k and min_p (unset: off)."""
+        bias = []
+        for tok, value in (self.logit_bias or {}).items():
+            try:
+                bias.append((int(tok), float(value)))
+            except ValueError:
+                raise InvalidRequestError(f"logit_bias keys are token ids, got {tok!r}", param="logit_bias") from None
+        out = {"logit_bias": tuple(bias), "repetition_penalty": self.repetition_penalty,
+               "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+               "top_k": self.top_k, "min_p": self.min_p}
+        return {k: v for k, v in out.items() if v is not None}
 
     def logprob_count(self) -> int | None:
         """Alternatives per generated token to return with its log-probability; None: no logprobs."""

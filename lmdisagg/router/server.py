@@ -143,6 +143,7 @@ class OpenAIServer:
             prompts = [r.encode_prompt(p) for p in body.prompts()]
             max_tokens = body.max_tokens if body.max_tokens is not None else 16
         logprobs = body.logprob_count()
+        processing = body.processing()
         out = []
         base = uuid.uuid4().hex
         for pi, ids in enumerate(prompts):
@@ -153,7 +154,7 @@ class OpenAIServer:
                     max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=body.stop_list(),
                     stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-                    logprobs=logprobs)
+                    logprobs=logprobs, **processing)
                 r.check(ids, params)
                 out.append((pi * body.n + i, GenerateRequest(f"{base}-{pi}-{i}", ids, params)))
         return out

@@ -149,6 +149,27 @@ def test_logprobs_match_hf(cuda_engine, hf_cuda):
         assert [row[a].item() for a, _ in top] == pytest.approx([v for _, v in top], abs=2e-3)
 
 
+def test_logits_processing_on_the_gpu(cuda_engine):
+    """logit_bias, penalties, top_k and min_p run on the GPU's logits (graph decode steps)."""
+    prompt = random_ids(30, seed=31)
+    greedy = cuda_engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    forced = cuda_engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True,
+                                                         logit_bias=((1234, 100.0),)))[0].token_ids
+    assert forced == [1234] * 8
+    # a frequency penalty of 2 per use against a bias of 100: the token still wins (100 - 2 * 7 > others)
+    pen = cuda_engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, frequency_penalty=2.0,
+                                                      logit_bias=((1234, 100.0),)))[0].token_ids
+    assert pen == [1234] * 8
+    # a presence penalty cannot undo a ban: the greedy first token, banned, never appears
+    banned = cuda_engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, presence_penalty=-2.0,
+                                                         logit_bias=((greedy[0], -100.0),)))[0].token_ids
+    assert greedy[0] not in banned
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = cuda_engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.5, seed=2,
+                                                        **extra))[0]
+        assert r.token_ids == greedy, extra
+
+
 def test_graph_decode_equals_eager_decode():
     """Same model, same bf16 kernels; graphs on or off must not change one token. Batch sizes are
     bucket sizes, so both paths run matmuls of the same shapes."""

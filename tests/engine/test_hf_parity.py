@@ -82,3 +82,61 @@ def test_logprobs_match_hf(engine, hf_model, temperature):
     r0 = engine.generate(prompt, SamplingParams(max_tokens=3, logprobs=0))[0]
     assert [len(top) for _, top in r0.logprobs] == [0, 0, 0]
     assert r0.logprobs[0][0] == pytest.approx(lsm[p0][r0.token_ids[0]].item(), abs=1e-4)  # row p0: the prompt's
+
+
+def test_repetition_penalty_matches_hf(engine, hf_model):
+    import torch
+    prompt, n = "List the days of the week: Monday, Tuesday,", 30
+    ids = engine.encode(prompt)
+    r = engine.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True, repetition_penalty=1.3))[0]
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, repetition_penalty=1.3,
+                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert r.token_ids == want
+    assert r.token_ids != engine.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
+
+
+def test_penalties_and_logit_bias_match_reference(engine, hf_model):
+    """OpenAI's frequency / presence penalties (output tokens) and logit_bias, greedy: the same
+    tokens as applying them by hand to HF's logits at each step."""
+    import torch
+    prompt, n = "Repeat after me: the cat sat on the mat, the cat sat on the mat,", 24
+    ids = engine.encode(prompt)
+    plain = engine.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
+    bias = ((plain[0], -100.0), (plain[1], 3.0))
+    params = SamplingParams(max_tokens=n, ignore_eos=True, frequency_penalty=0.8, presence_penalty=0.5,
+                            logit_bias=bias)
+    got = engine.generate(prompt, params)[0].token_ids
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            row = hf_model(torch.tensor([ids + out])).logits[0, -1].float().clone()
+            for t, b in bias:
+                row[t] += b
+            for t in set(out):
+                row[t] -= 0.8 * out.count(t) + 0.5
+            out.append(int(row.argmax()))
+    assert got == out
+    assert got[0] != plain[0] and got != plain
+
+
+def test_top_k_and_min_p_narrow_sampling(engine):
+    prompt = "Once upon a time"
+    greedy = engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):  # each leaves only the most likely token
+        r = engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.5, seed=1, **extra))
+        assert r[0].token_ids == greedy, extra
+    loose = engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.5, seed=1))[0]
+    assert loose.token_ids != greedy  # the same seed without them does sample
+
+
+@pytest.mark.parametrize("field,value", [("frequency_penalty", 2.5), ("presence_penalty", -3.0),
+                                         ("repetition_penalty", 0.0), ("min_p", 1.5), ("top_k", -2),
+                                         ("logit_bias", ((5, 101.0),)), ("logit_bias", ((10 ** 6, 1.0),)),
+                                         ("logprobs", 21)])
+def test_bad_sampling_values_are_refused(engine, field, value):
+    from lmdisagg.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError) as e:
+        engine.add_request("bad", engine.encode("hi"), SamplingParams(**{field: value}))
+    assert e.value.param == field
+    assert not engine.has_unfinished()

@@ -89,6 +89,33 @@ def test_sampling_options(served, engine):
     assert len({ch.text for ch in r.choices}) > 1
 
 
+
+def test_penalties_bias_top_k_min_p_equal_engine(served, engine):
+    """OpenAI's frequency / presence penalties and logit_bias, and vLLM's repetition_penalty,
+    top_k and min_p, served disaggregated (the first token sampled by the prefill worker, the
+    rest by the decode worker, which must count the tokens before them) equal one engine's."""
+    c = served.client()
+    prompt = "Count: 1, 2, 3, 4,"
+    base = ref(engine, prompt, 20, ignore_eos=True)
+    expected = ref(engine, prompt, 20, ignore_eos=True, frequency_penalty=0.6, presence_penalty=0.4,
+                   repetition_penalty=1.2, logit_bias=((base.token_ids[0], -100.0),))
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, frequency_penalty=0.6,
+                             presence_penalty=0.4, logit_bias={str(base.token_ids[0]): -100},
+                             extra_body={"repetition_penalty": 1.2, "ignore_eos": True, "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == expected.token_ids != base.token_ids
+    assert r.choices[0].text == expected.text
+    kw = dict(temperature=1.2, top_p=0.9, seed=7)
+    want = ref(engine, "Write a haiku about rain.", 24, top_k=20, min_p=0.05, **kw).text
+    got = c.completions.create(model=MODEL, prompt="Write a haiku about rain.", max_tokens=24,
+                               extra_body={"top_k": 20, "min_p": 0.05}, **kw).choices[0].text
+    assert got == want
+    # what clients send by default is accepted: neutral values of fields this server cannot honour
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                  response_format={"type": "text"}, frequency_penalty=0, presence_penalty=0,
+                                  extra_body={"min_tokens": 0, "top_k": -1})
+    assert r.usage.completion_tokens >= 1
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_logprobs_equal_engine(served, engine, chat):
     """logprobs through the disaggregated path (the first token's computed by the prefill worker,
@@ -170,6 +197,16 @@ BAD = [
                                      "logprobs": True, "top_logprobs": 21}).encode(), 400),
     ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "logprobs": 3}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 300}}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "logit_bias": {"999999": 1}}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "top_k": -3}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_p": 2}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "suffix": "end"}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_tokens": 5}).encode(), 400),
+    ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "response_format": {"type": "json_object"}}).encode(), 400),
 ]
 
 
