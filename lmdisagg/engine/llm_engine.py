@@ -46,6 +46,7 @@ class GenerationResult:
     ttft_s: float = 0.0  # add_request -> first token
     e2e_s: float = 0.0   # add_request -> finished
     logprobs: list | None = None  # per generated token, when params.logprobs is set (request.TokenLogprob)
+    prompt_logprobs: list | None = None  # per prompt token (None for the first), with params.prompt_logprobs
 
 
 @dataclass
@@ -252,7 +253,8 @@ class Engine(EngineBase):
         cached = min(seq.num_cached_tokens, seq.num_prompt_tokens)  # a resumed request's hits may go past it
         out = RequestOutput(seq.request_id, [token], delta, finished or prefill_done, seq.finish_reason,
                             seq.num_prompt_tokens, cached, len(seq.output_token_ids), prefill_done=prefill_done,
-                            logprobs=None if logprob is None else [logprob])
+                            logprobs=None if logprob is None else [logprob], prompt_logprobs=seq.prompt_logprobs)
+        seq.prompt_logprobs = None  # returned once
         if finished:
             self.scheduler.remove(seq)
         elif prefill_done:
@@ -498,6 +500,8 @@ class Engine(EngineBase):
                 r.text += out.text_delta
                 if out.logprobs is not None:
                     r.logprobs = (r.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    r.prompt_logprobs = out.prompt_logprobs
                 r.cached_tokens = out.cached_tokens
                 if out.finished:
                     r.finish_reason = out.finish_reason

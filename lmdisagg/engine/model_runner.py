@@ -26,7 +26,7 @@ import torch
 from lmdisagg.engine.attention import AttentionMetadata, PrefillSeq, TorchAttention
 from lmdisagg.engine.model import LlamaModel
 from lmdisagg.engine.request import Sequence
-from lmdisagg.engine.sampler import sample
+from lmdisagg.engine.sampler import sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,30 @@ class ModelRunner:
         with self._on_device:
             if not prefills and self.graphs is not None and self.graphs.fits(len(decodes)):
                 logits = self.graphs.run(decodes)                          # [B, vocab]
-            elif not decodes and self.prefill_graphs is not None and self.prefill_graphs.fits(prefills):
+            elif not decodes and self.prefill_graphs is not None and self.prefill_graphs.fits(prefills) \
+                    and not any(s.wants_prompt_logprobs for s in prefills):  # the graphs keep last rows only
                 logits = self.prefill_graphs.run(prefills)                 # [B, vocab]
             else:
                 ids, positions, meta, last = self.prepare(prefills, decodes)
                 hidden = self.model(ids, positions, self.kv, meta)         # [N, hidden]
                 logits = self.model.logits(hidden if last is None else hidden[last])  # [B, vocab]
+                self._prompt_logprobs(prefills, hidden)
             return sample(logits, prefills + decodes, self.tokens_host)
+
+    PROMPT_LOGPROB_ROWS = 256  # rows of full-vocabulary logits made at a time
+
+    def _prompt_logprobs(self, prefills: list[Sequence], hidden: torch.Tensor) -> None:
+        """``seq.prompt_logprobs`` for the prefills that want them: row j of a prompt (computed whole)
+        predicts its token j + 1; the last row predicts the first output, sampled as usual."""
+        start = 0
+        for seq in prefills:
+            rows = len(seq) - seq.num_computed_tokens
+            if seq.wants_prompt_logprobs:
+                k = seq.params.prompt_logprobs
+                out: list = [None]
+                for a in range(0, rows - 1, self.PROMPT_LOGPROB_ROWS):
+                    b = min(rows - 1, a + self.PROMPT_LOGPROB_ROWS)
+                    lg = self.model.logits(hidden[start + a:start + b])    # [b - a, vocab]
+                    out += token_logprobs(lg, list(range(b - a)), seq.token_ids[a + 1:b + 1], [k] * (b - a))
+                seq.prompt_logprobs = out
+            start += rows

@@ -27,6 +27,8 @@ class SamplingParams:
     ignore_eos: bool = False          # keep going past EOS (benchmark clients)
     logprobs: int | None = None       # log-probability of each generated token and of this many
     #                                   most likely alternatives (0..MAX_LOGPROBS); None: none
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (all but the first), with
+    #                                   the first output; the prompt is then computed whole (no cache)
     # logits processing, in this order (as vLLM): logit_bias, the penalties; then greedy takes the
     # argmax, sampling applies temperature, min_p, top_k, top_p
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
@@ -67,6 +69,11 @@ class SamplingParams:
             if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 or not -100.0 <= bias <= 100.0:
                 raise InvalidRequestError(f"logit_bias maps token ids to values in [-100, 100], got {tok!r}: {bias!r}",
                                           param="logit_bias")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or isinstance(self.prompt_logprobs, bool)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                                      f"got {self.prompt_logprobs!r}", param="prompt_logprobs")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
@@ -98,6 +105,13 @@ class Sequence:
     chunk_keys: list = field(default_factory=list)  # keys of full chunks of token_ids, computed lazily
     num_registered: int = 0           # leading blocks already named by their chunk key
     prefill_only: bool = False        # stop after the first token and hold the blocks for export
+    prompt_logprobs: list | None = None  # computed with the prompt when params.prompt_logprobs is set
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are still to be computed: asked for, and no output yet (a
+        preempted or resumed sequence already returned them)."""
+        return self.params.prompt_logprobs is not None and len(self.token_ids) == self.num_prompt_tokens
 
     def __post_init__(self):
         if not self.token_ids:
@@ -129,3 +143,5 @@ class RequestOutput:
     completion_tokens: int            # generated so far
     prefill_done: bool = False        # a prefill_only request finished its prefill (blocks held)
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first token: one per prompt
+    #                                   token, None for the first (params.prompt_logprobs)

@@ -54,7 +54,8 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int, first: bool) -> bool:
         t = self.blocks.chunk_tokens
         keys = self.key_fn(seq)
-        hit = self.blocks.lookup(keys)
+        # prompt logprobs need the logits of every prompt token: none of it comes from the cache
+        hit = 0 if seq.wants_prompt_logprobs else self.blocks.lookup(keys)
         if hit * t >= len(seq):
             hit -= 1  # need at least one token to compute
         new_tokens = len(seq) - hit * t

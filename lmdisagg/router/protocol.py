@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models (what real clients send) and response builders.
 
-Fields we cannot honour (``echo``, ``best_of`` > n, tools, structured output and the others in
-``_NEUTRAL``) are rejected with 400 rather than silently dropped. ``logprobs`` are the generated tokens' own: no prompt logprobs (they need
-``echo``).
+Fields we cannot honour (``best_of`` > n, tools, structured output and the others in ``_NEUTRAL``)
+are rejected with 400 rather than silently dropped. ``echo`` with ``logprobs`` (completions) gives
+the prompt's tokens logprobs too.
 """
 from __future__ import annotations
 
@@ -126,10 +126,12 @@ class CompletionRequest(_Common):
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {lp}", param="logprobs")
         return lp
 
+    def prompt_logprob_count(self) -> int | None:
+        """With echo and logprobs: the prompt's tokens get logprobs too (the first one: null)."""
+        return self.logprob_count() if self.echo else None
+
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported by this server", param="echo")
         if self.best_of not in (None, self.n):
             raise InvalidRequestError("best_of other than n is not supported", param="best_of")
 
@@ -187,7 +189,8 @@ def usage(prompt: int, completion: int, cached: int) -> dict:
 def logprobs_object(entries: list[tuple[str, float, list[tuple[str, float]]]], chat: bool,
                     offset: int = 0) -> dict:
     """OpenAI's ``logprobs`` of a choice (or of one streamed chunk of it) from its tokens'
-    (text, log-probability, [(alternative's text, log-probability)]). Chat: ``content`` items
+    (text, log-probability, [(alternative's text, log-probability)]); an echoed prompt's first
+    token has (text, None, None). Chat: ``content`` items
     with UTF-8 ``bytes``; completions: the legacy parallel lists, whose ``top_logprobs`` also hold
     the sampled token (as OpenAI's do) and whose ``text_offset`` counts from ``offset``."""
     if chat:
@@ -200,7 +203,8 @@ def logprobs_object(entries: list[tuple[str, float, list[tuple[str, float]]]], c
         offsets.append(offset)
         offset += len(t)
     return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{**dict(top), t: lp} for t, lp, top in entries], "text_offset": offsets}
+            "top_logprobs": [None if lp is None else {**dict(top), t: lp} for t, lp, top in entries],
+            "text_offset": offsets}
 
 
 def completion_response(rid: str, model: str, choices: list[dict], use: dict, chat: bool) -> dict:

@@ -143,6 +143,7 @@ class OpenAIServer:
             prompts = [r.encode_prompt(p) for p in body.prompts()]
             max_tokens = body.max_tokens if body.max_tokens is not None else 16
         logprobs = body.logprob_count()
+        prompt_logprobs = None if chat else body.prompt_logprob_count()
         processing = body.processing()
         out = []
         base = uuid.uuid4().hex
@@ -154,7 +155,7 @@ class OpenAIServer:
                     max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=body.stop_list(),
                     stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-                    logprobs=logprobs, **processing)
+                    logprobs=logprobs, prompt_logprobs=prompt_logprobs, **processing)
                 r.check(ids, params)
                 out.append((pi * body.n + i, GenerateRequest(f"{base}-{pi}-{i}", ids, params)))
         return out
@@ -174,6 +175,12 @@ class OpenAIServer:
         except LmdisaggError as e:
             r.metrics.requests.labels(endpoint, str(e.status)).inc()
             return from_exc(e)
+        # completions' echo: each choice's text starts with its prompt
+        echo = {}
+        if not chat and body.echo:  # the prompt as sent (token ids: their text)
+            prompts = body.prompts()
+            echo = {i: p if isinstance(p, str) else self._prompt_text(req)
+                    for i, req in reqs for p in [prompts[i // body.n]]}
         rid = ("chatcmpl-" if chat else "cmpl-") + reqs[0][1].request_id.split("-")[0]
         r.in_flight += len(reqs)
         r.metrics.in_flight.set(r.in_flight)
@@ -181,8 +188,8 @@ class OpenAIServer:
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return await self._stream(request, rid, reqs, chat, include_usage, arrival, endpoint,
-                                          bool(body.return_token_ids))
-            return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids))
+                                          bool(body.return_token_ids), echo)
+            return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids), echo)
         finally:
             r.in_flight -= len(reqs)
             r.metrics.in_flight.set(r.in_flight)
@@ -227,9 +234,11 @@ class OpenAIServer:
         m.generation_tokens.inc(usage["completion_tokens"])
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
 
-    async def _complete(self, rid, reqs, chat, arrival, endpoint, return_ids: bool = False) -> web.Response:
+    async def _complete(self, rid, reqs, chat, arrival, endpoint, return_ids: bool = False,
+                        echo: dict | None = None) -> web.Response:
         m = self.router.metrics
-        texts = {i: "" for i, _ in reqs}
+        texts = {i: (echo or {}).get(i, "") for i, _ in reqs}
+        prompt_of = dict(reqs)
         token_ids: dict[int, list[int]] = {i: [] for i, _ in reqs}
         entries: dict[int, list] = {i: [] for i, _ in reqs}
         finish = {i: None for i, _ in reqs}
@@ -238,7 +247,7 @@ class OpenAIServer:
             async for i, d in self._run_choices(reqs, arrival):
                 texts[i] += d.text
                 token_ids[i] += d.token_ids
-                entries[i] += self._logprob_entries(d)
+                entries[i] += self._prompt_entries(prompt_of[i], d) + self._logprob_entries(d)
                 if d.finished:
                     finish[i] = d.finish_reason
                 last[i] = d
@@ -257,13 +266,30 @@ class OpenAIServer:
                 c["token_ids"] = token_ids[c["index"]]
         return web.json_response(resp)
 
+    def _prompt_text(self, req: GenerateRequest) -> str:
+        tok = self.router.tokenizer
+        return tok.decode(req.prompt_token_ids) if tok is not None else ""
+
+    def _prompt_entries(self, req: GenerateRequest, d) -> list:
+        """An echoed prompt's logprobs, from the delta that carries them (the first): its first
+        token has none."""
+        if not d.prompt_logprobs:
+            return []
+        ids = list(req.prompt_token_ids)
+        rest = d.prompt_logprobs[1:]
+        texts = self._texts(ids + [a for _, top in rest for a, _ in top])
+        return [(texts[ids[0]], None, None)] + [(texts[t], lp, [(texts[a], alp) for a, alp in top])
+                                                for t, (lp, top) in zip(ids[1:], rest)]
+
+    def _texts(self, ids: list[int]) -> dict[int, str]:
+        tok = self.router.tokenizer
+        return dict(zip(ids, tok.token_texts(ids))) if tok is not None else {t: f"token_id:{t}" for t in ids}
+
     def _logprob_entries(self, d) -> list[tuple[str, float, list[tuple[str, float]]]]:
         """A delta's logprobs with each token as text: (token, logprob, [(alternative, logprob)])."""
         if not d.logprobs:
             return []
-        tok = self.router.tokenizer
-        ids = list(d.token_ids) + [a for _, top in d.logprobs for a, _ in top]
-        text = dict(zip(ids, tok.token_texts(ids))) if tok is not None else {t: f"token_id:{t}" for t in ids}
+        text = self._texts(list(d.token_ids) + [a for _, top in d.logprobs for a, _ in top])
         return [(text[t], lp, [(text[a], alp) for a, alp in top]) for t, (lp, top) in zip(d.token_ids, d.logprobs)]
 
     @staticmethod
@@ -279,7 +305,7 @@ class OpenAIServer:
         return P.usage(prompt, completion, cached)
 
     async def _stream(self, request, rid, reqs, chat, include_usage, arrival, endpoint,
-                      return_ids: bool = False) -> web.StreamResponse:
+                      return_ids: bool = False, echo: dict | None = None) -> web.StreamResponse:
         m = self.router.metrics
         model = self.router.model_name
         created = int(time.time())
@@ -296,7 +322,15 @@ class OpenAIServer:
             if chat:
                 for i, _ in reqs:
                     await send(P.stream_chunk(rid, model, i, "", None, chat, role=True, created=created))
+            prompt_of = dict(reqs)
             async for i, d in self._run_choices(reqs, arrival):
+                if echo and i not in last:  # the echoed prompt first, with its logprobs if asked
+                    chunk = P.stream_chunk(rid, model, i, echo[i], None, chat, created=created)
+                    if want:
+                        entries = self._prompt_entries(prompt_of[i], d)
+                        chunk["choices"][0]["logprobs"] = P.logprobs_object(entries, chat)
+                        offset[i] = sum(len(t) for t, _, _ in entries)
+                    await send(chunk)
                 last[i] = d
                 # a chunk per step that made text, or tokens whose ids or logprobs were asked for
                 # (a token can make no text yet: part of a UTF-8 character or of a stop string)

@@ -40,6 +40,7 @@ class TokenDelta:
     cached_tokens: int              # prompt tokens not computed by the worker that prefilled
     completion_tokens: int          # generated so far
     logprobs: list | None = None    # one engine.request.TokenLogprob per token, if the request asked
+    prompt_logprobs: list | None = None  # with the first token, if the request asked (echo)
 
 
 @dataclass

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 def _delta(out: RequestOutput) -> TokenDelta:
     return TokenDelta(out.request_id, out.new_token_ids, out.text_delta, out.finished and not out.prefill_done,
                       out.finish_reason, out.prompt_tokens, out.cached_tokens, out.completion_tokens,
-                      out.logprobs)
+                      out.logprobs, out.prompt_logprobs)
 
 
 _TIER_NAMES = {"cpu": "cpu", "disk": "disk"}  # store tier name -> index tier (others: remote)

@@ -149,6 +149,23 @@ def test_logprobs_match_hf(cuda_engine, hf_cuda):
         assert [row[a].item() for a, _ in top] == pytest.approx([v for _, v in top], abs=2e-3)
 
 
+def test_prompt_logprobs_match_hf(cuda_engine, hf_cuda):
+    """Prompt logprobs on the GPU (the prompt is then prefilled eagerly, whole, even when cached),
+    in slices of rows, equal HF's log_softmax."""
+    t = cuda_engine.config.chunk_tokens
+    prompt = random_ids(t + 300, seed=41)  # more rows than one slice of full-vocabulary logits
+    cuda_engine.generate(prompt, SamplingParams(max_tokens=1))
+    r = cuda_engine.generate(prompt, SamplingParams(max_tokens=2, ignore_eos=True, prompt_logprobs=3))[0]
+    assert r.cached_tokens == 0 and len(r.prompt_logprobs) == len(prompt) and r.prompt_logprobs[0] is None
+    with torch.no_grad():
+        lsm = torch.log_softmax(hf_cuda(torch.tensor([prompt], device="cuda")).logits[0].float(), -1)
+    got = torch.tensor([lp for lp, _ in r.prompt_logprobs[1:]], device="cuda")
+    want = lsm[:-1].gather(1, torch.tensor(prompt[1:], device="cuda")[:, None])[:, 0]
+    assert (got - want).abs().max().item() < 2e-3
+    tops = torch.tensor([[v for _, v in top] for _, top in r.prompt_logprobs[1:]], device="cuda")
+    assert (tops - lsm[:-1].topk(3).values).abs().max().item() < 2e-3
+
+
 def test_logits_processing_on_the_gpu(cuda_engine):
     """logit_bias, penalties, top_k and min_p run on the GPU's logits (graph decode steps)."""
     prompt = random_ids(30, seed=31)

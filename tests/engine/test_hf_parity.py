@@ -140,3 +140,26 @@ def test_bad_sampling_values_are_refused(engine, field, value):
         engine.add_request("bad", engine.encode("hi"), SamplingParams(**{field: value}))
     assert e.value.param == field
     assert not engine.has_unfinished()
+
+
+def test_prompt_logprobs_match_hf_even_when_the_prompt_is_cached(engine, hf_model):
+    """Prompt logprobs (each prompt token's, given the tokens before it) equal HF's, also for a
+    prompt whose chunks are in the prefix cache (it is then computed whole), and come once."""
+    import torch
+    t = engine.config.chunk_tokens
+    ids = engine.encode(" ".join(["the quick brown fox jumps over the lazy dog"] * 40))[:t + 37]
+    engine.generate(ids, SamplingParams(max_tokens=1))  # its first chunk is cached now
+    k = 2
+    r = engine.generate(ids, SamplingParams(max_tokens=3, prompt_logprobs=k, logprobs=k))[0]
+    assert r.cached_tokens == 0  # not served from the cache
+    lp = r.prompt_logprobs
+    assert len(lp) == len(ids) and lp[0] is None
+    with torch.no_grad():
+        lsm = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for j in range(1, len(ids)):
+        v, top = lp[j]
+        assert v == pytest.approx(lsm[j - 1, ids[j]].item(), abs=1e-4), j
+        assert [a for a, _ in top] == lsm[j - 1].topk(k).indices.tolist()
+    assert r.logprobs[0][0] == pytest.approx(lsm[-1, r.token_ids[0]].item(), abs=1e-4)
+    again = engine.generate(ids, SamplingParams(max_tokens=2))[0]
+    assert again.prompt_logprobs is None and again.cached_tokens == t

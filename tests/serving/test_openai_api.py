@@ -161,6 +161,57 @@ def test_logprobs_equal_engine(served, engine, chat):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_logprobs_score_a_prompt_as_lm_eval_does(served, engine):
+    """echo + logprobs (what lm-eval's loglikelihood tasks send): the prompt comes back with each of
+    its tokens' log-probability (the first: null), computed by the prefill worker, equal to one
+    engine's; streamed, the prompt's chunk comes first."""
+    c = served.client()
+    ctx, cont = "The capital of France is", " Paris"
+    prompt = ctx + cont
+    ids = engine.encode(prompt)
+    n = len(ids)
+    expected = engine.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=1, logprobs=1))[0]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    r = c.completions.create(**kw)
+    ch = r.choices[0]
+    assert ch.text == prompt + expected.text
+    lp = ch.logprobs
+    assert len(lp.tokens) == n + 1 and lp.tokens[:n] == engine.tokenizer.token_texts(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for j in range(1, n):
+        assert lp.token_logprobs[j] == pytest.approx(expected.prompt_logprobs[j][0], abs=1e-4)
+        assert lp.tokens[j] in lp.top_logprobs[j]  # the legacy top_logprobs hold the token itself
+    assert lp.token_logprobs[n] == pytest.approx(expected.logprobs[0][0], abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(n + 1)]
+    # the continuation's log-likelihood, as lm-eval sums it, and whether it is the greedy choice
+    k = len(engine.encode(ctx))
+    assert ids[:k] == engine.encode(ctx)
+    ll = sum(lp.token_logprobs[k:n])
+    assert ll == pytest.approx(sum(expected.prompt_logprobs[j][0] for j in range(k, n)), abs=1e-3) and ll < 0
+    chunks = [x for x in c.completions.create(stream=True, **kw) if x.choices]
+    first = chunks[0].choices[0]
+    assert first.text == prompt and first.logprobs.tokens == lp.tokens[:n]
+    streamed = [v for x in chunks if x.choices[0].logprobs for v in x.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    assert "".join(x.choices[0].text for x in chunks) == ch.text
+    # lm-eval's own request: prompts as token ids, two in one call, parsed as lm-eval parses them
+    ids2 = engine.encode("The capital of Germany is Berlin")
+    body = {"model": MODEL, "prompt": [ids, ids2], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}
+    out = httpx.post(served.url + "/completions", json=body, timeout=300).json()
+    for choice, toks in zip(sorted(out["choices"], key=lambda c: c["index"]), [ids, ids2]):
+        want = engine.generate(toks, SamplingParams(max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+        lps, tops = choice["logprobs"]["token_logprobs"], choice["logprobs"]["top_logprobs"]
+        assert len(lps) == len(toks) + 1 and choice["text"].startswith(engine.decode(toks))
+        ctxlen = len(toks) - 1  # the last prompt token is the continuation
+        assert sum(lps[ctxlen:-1]) == pytest.approx(want[-1][0], abs=1e-4)
+        is_greedy = all(v == max(top.values()) for v, top in zip(lps[ctxlen:-1], tops[ctxlen:-1]))
+        assert is_greedy == (want[-1][1][0][0] == toks[-1])
+    # echo without logprobs: the prompt, no logprobs
+    plain = c.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True).choices[0]
+    assert plain.text == ch.text and plain.logprobs is None
+
+
 def test_sixteen_concurrent_streams(served, engine):
     prompts = [f"Tell me fact number {i} about the ocean." for i in range(16)]
     refs = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))  # one batch
