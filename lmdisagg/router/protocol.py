@@ -32,6 +32,7 @@ _NEUTRAL = {
     "prediction": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
     "audio": lambda v: v is None,
+    "echo": lambda v: not v,                                      # vLLM's chat echo (completions: a field)
 }
 
 

@@ -258,6 +258,8 @@ BAD = [
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_tokens": 5}).encode(), 400),
     ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "response_format": {"type": "json_object"}}).encode(), 400),
+    ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "echo": True}).encode(), 400),
 ]
 
 
