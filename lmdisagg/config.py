@@ -81,6 +81,9 @@ class RouterSettings(_Strict):
     token_timeout_s: float = Field(60.0, gt=0, description="limit between two streamed tokens")
     max_migrations: int = Field(3, ge=0, description="times one request is resumed on other workers after a "
                                                      "worker serving it died (0: fail it with 503)")
+    api_key: str | None = Field(None, description="clients must send 'Authorization: Bearer <key>' to /v1/* and "
+                                "/debug/* (401 otherwise); unset: the LMDISAGG_API_KEY environment variable, "
+                                "else no check")
 
     @field_validator("policy")
     @classmethod

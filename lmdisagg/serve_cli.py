@@ -20,6 +20,8 @@ def register(sub) -> None:
     s.add_argument("--host", default=None, help="override router.host")
     s.add_argument("--policy", default=None, help="override router.policy")
     s.add_argument("--model", default=None, help="override model")
+    s.add_argument("--api-key", default=None, help="override router.api_key (prefer LMDISAGG_API_KEY: arguments "
+                                                   "are visible to every user of the machine)")
     s.set_defaults(func=run)
 
 
@@ -27,7 +29,8 @@ def run(args) -> int:
     from lmdisagg.config import ClusterConfig
     from lmdisagg.pipeline import Pipeline
     cfg = ClusterConfig.from_yaml(args.config)
-    router = {k: v for k, v in {"port": args.port, "host": args.host, "policy": args.policy}.items() if v is not None}
+    router = {k: v for k, v in {"port": args.port, "host": args.host, "policy": args.policy,
+                                "api_key": args.api_key}.items() if v is not None}
     cfg = cfg.with_overrides(**({"router": router} if router else {}), **({"model": args.model} if args.model else {}))
     pipe = Pipeline.from_config(cfg)
     stop = asyncio.Event()

@@ -11,8 +11,10 @@ aborts the request on every worker.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import time
 import uuid
 
@@ -41,7 +43,8 @@ def from_exc(e: LmdisaggError) -> web.Response:
 class OpenAIServer:
     def __init__(self, router: Router):
         self.router = router
-        self.app = web.Application(client_max_size=router.config.router.max_body_bytes)
+        self.api_key = router.config.router.api_key or os.environ.get("LMDISAGG_API_KEY") or None
+        self.app = web.Application(client_max_size=router.config.router.max_body_bytes, middlewares=[self._auth])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat),
@@ -53,6 +56,17 @@ class OpenAIServer:
         ])
         self.app.on_startup.append(lambda app: router.start())
         self.app.on_cleanup.append(lambda app: router.stop())
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        """With an API key, /v1/* and /debug/* need 'Authorization: Bearer <key>' (as vLLM's
+        --api-key); /health, /metrics and /stats stay open to probes and scrapers."""
+        if self.api_key and request.path.startswith(("/v1/", "/debug/")):
+            sent = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
+                return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                      "invalid_request_error")
+        return await handler(request)
 
     # --- small endpoints ------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:

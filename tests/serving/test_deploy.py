@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import secrets
 import re
 import shutil
 import signal
@@ -13,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import psutil
 import pytest
 
@@ -99,8 +103,10 @@ def test_failed_transfers_recompute_and_lose_nothing(local_ray, engine, fault):
 
 
 def test_ray_job_submit():
-    """A real head on 127.0.0.1 and the README's `ray job submit --working-dir . -- lmdisagg serve`."""
+    """A real head on 127.0.0.1 and the README's `ray job submit --working-dir . -- lmdisagg serve`,
+    with an API key in the job's environment."""
     from openai import OpenAI
+    key = secrets.token_urlsafe(16)
     venv_bin = Path(sys.executable).parent  # the job's shell finds `lmdisagg` where a user's would
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "PATH": str(venv_bin) + os.pathsep + os.environ.get("PATH", "")}
@@ -129,8 +135,10 @@ def test_ray_job_submit():
         outputs = []
 
         def submit():  # the head's job agent may need a moment more than its HTTP server
-            rc, out = ray_job("submit", "--working-dir", ".", "--no-wait", "--", "lmdisagg", "serve",
-                              "--config", "cluster_configs/local-cpu.yaml", "--port", str(port))
+            rc, out = ray_job("submit", "--working-dir", ".", "--no-wait",
+                              "--runtime-env-json", json.dumps({"env_vars": {"LMDISAGG_API_KEY": key}}),
+                              "--", "lmdisagg", "serve", "--config", "cluster_configs/local-cpu.yaml",
+                              "--port", str(port))
             outputs.append(out)
             m = re.search(r"(raysubmit_\w+)", out)
             return m.group(1) if rc == 0 and m else None
@@ -151,9 +159,17 @@ def test_ray_job_submit():
         except AssertionError:
             pytest.fail("job did not come up:\n" + ray_job("logs", job)[1][-4000:])
         assert url == f"http://127.0.0.1:{port}/v1"
-        r = OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
-            model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0)
+        ask = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12,
+                   temperature=0)
+        r = OpenAI(base_url=url, api_key=key, max_retries=0).chat.completions.create(**ask)
         assert r.choices[0].message.content and r.usage.completion_tokens <= 12
+        # the job's LMDISAGG_API_KEY guards the API; probes and scrapers stay open
+        for wrong in ("x", key + "x"):
+            with pytest.raises(openai.AuthenticationError):
+                OpenAI(base_url=url, api_key=wrong, max_retries=0).chat.completions.create(**ask)
+        assert httpx.get(url + "/models", timeout=30).status_code == 401
+        assert httpx.get(url[:-len("/v1")] + "/health", timeout=30).status_code == 200
+        assert httpx.get(url[:-len("/v1")] + "/metrics", timeout=30).status_code == 200
         assert ray_job("stop", job, timeout=180)[0] == 0
         status = ray_job("status", job)[1]
         assert "was stopped" in status or "STOPPED" in status, status
