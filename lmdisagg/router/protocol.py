@@ -61,7 +61,7 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    repetition_penalty: float | None = None  # vLLM extensions, as its benchmark clients send them
+    repetition_penalty: float | None = None  # vLLM extensions from here
     top_k: int | None = None
     min_p: float | None = None
 
@@ -191,9 +191,9 @@ def logprobs_object(entries: list[tuple[str, float, list[tuple[str, float]]]], c
                     offset: int = 0) -> dict:
     """OpenAI's ``logprobs`` of a choice (or of one streamed chunk of it) from its tokens'
     (text, log-probability, [(alternative's text, log-probability)]); an echoed prompt's first
-    token has (text, None, None). Chat: ``content`` items
-    with UTF-8 ``bytes``; completions: the legacy parallel lists, whose ``top_logprobs`` also hold
-    the sampled token (as OpenAI's do) and whose ``text_offset`` counts from ``offset``."""
+    token has (text, None, None). Chat: ``content`` items with UTF-8 ``bytes``; completions: the
+    legacy parallel lists, whose ``top_logprobs`` also hold the sampled token (as OpenAI's do)
+    and whose ``text_offset`` counts from ``offset``."""
     if chat:
         def item(t: str, lp: float) -> dict:
             return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
