@@ -186,9 +186,9 @@ class Engine(EngineBase):
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params)
         self._check_resumed(resumed, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq = self._sequence(request_id, prompt_token_ids, params)
         seq.token_ids += resumed
-        seq.num_text_emitted = num_text_emitted
+        seq.num_text_emitted = seq.stop_from = num_text_emitted  # that text was checked for stop strings
         seq.prefill_only = prefill_only
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -197,6 +197,13 @@ class Engine(EngineBase):
         self.seqs[request_id] = seq
         self._arrival[request_id] = time.perf_counter()
         self.scheduler.add(seq)
+
+    def _sequence(self, request_id: str, prompt_token_ids, params: SamplingParams) -> Sequence:
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.min_tokens:
+            ban = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+            seq.min_tokens_ban = tuple(sorted(ban))
+        return seq
 
     @staticmethod
     def _check_resumed(resumed: list[int], params: SamplingParams) -> None:
@@ -283,12 +290,15 @@ class Engine(EngineBase):
             ids = ids[:-1]
         text = self.tokenizer.decode(ids)
         finished = seq.finish_reason is not None
-        for s in seq.params.stop:
-            i = text.find(s)
-            if i != -1:
-                text = text[:i]
-                seq.finish_reason = "stop"
-                finished = True
+        if len(seq.output_token_ids) > seq.params.min_tokens:  # (vLLM) none before min_tokens
+            for s in seq.params.stop:
+                i = text.find(s, max(0, seq.stop_from - len(s) + 1))  # ending past stop_from
+                if i != -1:
+                    text = text[:i]
+                    seq.finish_reason = "stop"
+                    finished = True
+        else:
+            seq.stop_from = len(text.removesuffix("\ufffd"))
         if not finished:
             if text.endswith("\ufffd"):
                 text = text[:-1]
@@ -434,10 +444,10 @@ class Engine(EngineBase):
             raise InvalidRequestError(f"{len(block_ids)} blocks do not cover a {context}-token context")
         self.validate(prompt_token_ids, params)
         self._check_resumed(resumed, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq = self._sequence(request_id, prompt_token_ids, params)
         seq.token_ids += resumed
         seq.token_ids.append(first_token)
-        seq.num_text_emitted = num_text_emitted
+        seq.num_text_emitted = seq.stop_from = num_text_emitted
         if params.temperature > 0:
             seq.generator = torch.Generator(device="cpu")
             if generator_state is not None:

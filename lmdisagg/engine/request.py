@@ -37,12 +37,13 @@ class SamplingParams:
     presence_penalty: float = 0.0     # [-2, 2]; minus this once for a token in the output
     min_p: float = 0.0                # [0, 1]; drop tokens under min_p times the top probability
     top_k: int = 0                    # keep the k most likely tokens; 0 or -1: all
+    min_tokens: int = 0               # no EOS, stop token or stop string before this many tokens (vLLM)
 
     @property
     def processes_logits(self) -> bool:
         """True when the logits are changed before sampling (not only temperature / top_p)."""
         return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
-            or self.presence_penalty != 0.0
+            or self.presence_penalty != 0.0 or self.min_tokens > 0
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
@@ -65,6 +66,10 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}",
                                       param="top_k")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got "
+                                      f"{self.min_tokens!r}", param="min_tokens")
         for tok, bias in self.logit_bias:
             if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 or not -100.0 <= bias <= 100.0:
                 raise InvalidRequestError(f"logit_bias maps token ids to values in [-100, 100], got {tok!r}: {bias!r}",
@@ -106,6 +111,8 @@ class Sequence:
     num_registered: int = 0           # leading blocks already named by their chunk key
     prefill_only: bool = False        # stop after the first token and hold the blocks for export
     prompt_logprobs: list | None = None  # computed with the prompt when params.prompt_logprobs is set
+    min_tokens_ban: tuple[int, ...] = ()  # tokens that may not come before params.min_tokens (EOS, stop ids)
+    stop_from: int = 0                # stop strings are matched in text ending past this character
 
     @property
     def wants_prompt_logprobs(self) -> bool:

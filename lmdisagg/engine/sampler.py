@@ -88,7 +88,7 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
 def process_logits(row: torch.Tensor, seq: Sequence) -> None:
     """In place on one sequence's logits [vocab]: logit_bias, then the repetition penalty (tokens
     of prompt + output, as HF transformers and vLLM), then the frequency and presence penalties
-    (tokens of the output, as OpenAI)."""
+    (tokens of the output, as OpenAI), then min_tokens' ban on EOS and stop tokens."""
     p = seq.params
     dev = row.device
     if p.logit_bias:
@@ -102,3 +102,5 @@ def process_logits(row: torch.Tensor, seq: Sequence) -> None:
     if out and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
         ids, counts = torch.tensor(out, device=dev).unique(return_counts=True)
         row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+    if len(out) < p.min_tokens and seq.min_tokens_ban:  # EOS and stop tokens wait for min_tokens
+        row[torch.tensor(seq.min_tokens_ban, device=dev)] = float("-inf")

@@ -24,7 +24,6 @@ _NEUTRAL = {
     "tool_choice": lambda v: v in (None, "none"),
     "suffix": lambda v: not v,
     "prompt_logprobs": lambda v: v is None,                       # vLLM: needs echo
-    "min_tokens": lambda v: not v,                                # vLLM
     "bad_words": lambda v: not v,                                 # vLLM
     "include_stop_str_in_output": lambda v: not v,                # vLLM
     "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None,  # vLLM structured output
@@ -64,6 +63,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = None  # vLLM extensions from here
     top_k: int | None = None
     min_p: float | None = None
+    min_tokens: int | None = None
 
     @field_validator("n")
     @classmethod
@@ -84,7 +84,7 @@ class _Common(BaseModel):
                 raise InvalidRequestError(f"{name} is not supported by this server", param=name)
 
     def processing(self) -> dict:
-        """SamplingParams fields for logit_bias, the penalties, top_k and min_p (unset: off)."""
+        """SamplingParams fields for logit_bias, the penalties, top_k, min_p and min_tokens (unset: off)."""
         bias = []
         for tok, value in (self.logit_bias or {}).items():
             try:
@@ -93,7 +93,7 @@ class _Common(BaseModel):
                 raise InvalidRequestError(f"logit_bias keys are token ids, got {tok!r}", param="logit_bias") from None
         out = {"logit_bias": tuple(bias), "repetition_penalty": self.repetition_penalty,
                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
-               "top_k": self.top_k, "min_p": self.min_p}
+               "top_k": self.top_k, "min_p": self.min_p, "min_tokens": self.min_tokens}
         return {k: v for k, v in out.items() if v is not None}
 
     def logprob_count(self) -> int | None:

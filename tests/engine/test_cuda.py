@@ -181,6 +181,11 @@ def test_logits_processing_on_the_gpu(cuda_engine):
     banned = cuda_engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, presence_penalty=-2.0,
                                                          logit_bias=((greedy[0], -100.0),)))[0].token_ids
     assert greedy[0] not in banned
+    # min_tokens: a stop token waits (greedy[2] would end the request at its third token)
+    stop = SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=(greedy[2],))
+    assert len(cuda_engine.generate(prompt, stop)[0].token_ids) <= 3
+    held = cuda_engine.generate(prompt, SamplingParams(**{**stop.__dict__, "min_tokens": 8}))[0].token_ids
+    assert len(held) == 8 and greedy[2] not in held
     for extra in ({"top_k": 1}, {"min_p": 1.0}):
         r = cuda_engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, temperature=1.5, seed=2,
                                                         **extra))[0]

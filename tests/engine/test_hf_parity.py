@@ -163,3 +163,37 @@ def test_prompt_logprobs_match_hf_even_when_the_prompt_is_cached(engine, hf_mode
     assert r.logprobs[0][0] == pytest.approx(lsm[-1, r.token_ids[0]].item(), abs=1e-4)
     again = engine.generate(ids, SamplingParams(max_tokens=2))[0]
     assert again.prompt_logprobs is None and again.cached_tokens == t
+
+
+def test_min_tokens_matches_hf_min_new_tokens(engine, hf_model):
+    """min_tokens holds EOS back as HF's min_new_tokens does: greedy tokens equal HF's, up to and
+    including the EOS that ends them."""
+    import torch
+    question = "What is 2+2?"
+    ids = engine.encode_chat([{"role": "user", "content": question}])
+    base = engine.generate(question, SamplingParams(max_tokens=200), chat=True)[0]
+    assert base.finish_reason == "stop"
+    k = len(base.token_ids) + 8  # past where it stopped on its own
+    r = engine.generate(question, SamplingParams(max_tokens=200, min_tokens=k), chat=True)[0]
+    assert len(r.token_ids) > k and not set(r.token_ids[:k]) & set(engine.eos_token_ids)
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor([ids]), max_new_tokens=len(r.token_ids), min_new_tokens=k,
+                                 do_sample=False, eos_token_id=sorted(engine.eos_token_ids),
+                                 pad_token_id=0)[0, len(ids):].tolist()
+    assert r.token_ids == want[:len(r.token_ids)]
+    if r.finish_reason == "stop":
+        assert r.token_ids[-1] in engine.eos_token_ids
+
+
+def test_min_tokens_holds_stop_strings_back(engine):
+    """A stop string completed within the first min_tokens tokens does not stop the request (as
+    vLLM); the first one completed after them does."""
+    prompt, stop = "Count: 1, 2, 3, 4,", ","
+    base = engine.generate(prompt, SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    m = 7
+    r = engine.generate(prompt, SamplingParams(max_tokens=30, ignore_eos=True, stop=(stop,), min_tokens=m))[0]
+    held = len(engine.decode(base.token_ids[:m]))  # the text when min_tokens were out
+    cut = base.text.find(stop, held - len(stop) + 1)
+    assert 0 <= cut and r.text == base.text[:cut] and r.finish_reason == "stop"
+    assert engine.generate(prompt, SamplingParams(max_tokens=30, stop=(stop,)))[0].text == base.text[:base.text.find(stop)]
+    assert len(r.text) > base.text.find(stop)  # it went past the first comma

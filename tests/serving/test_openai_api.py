@@ -109,6 +109,15 @@ def test_penalties_bias_top_k_min_p_equal_engine(served, engine):
     got = c.completions.create(model=MODEL, prompt="Write a haiku about rain.", max_tokens=24,
                                extra_body={"top_k": 20, "min_p": 0.05}, **kw).choices[0].text
     assert got == want
+    # min_tokens (vLLM; genai-perf sends it for fixed-length outputs): EOS waits, the first token
+    # sampled on the prefill worker and the rest on the decode worker count towards it
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    short = ref(engine, "What is 2+2?", 100, chat=True)
+    want = ref(engine, "What is 2+2?", 100, chat=True, min_tokens=len(short.token_ids) + 5)
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=100, temperature=0,
+                                  extra_body={"min_tokens": len(short.token_ids) + 5, "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == want.token_ids
+    assert r.usage.completion_tokens > len(short.token_ids) + 5
     # what clients send by default is accepted: neutral values of fields this server cannot honour
     r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                   response_format={"type": "text"}, frequency_penalty=0, presence_penalty=0,
@@ -255,7 +264,7 @@ BAD = [
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "top_k": -3}).encode(), 400),
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_p": 2}).encode(), 400),
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "suffix": "end"}).encode(), 400),
-    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_tokens": 5}).encode(), 400),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_tokens": 50, "max_tokens": 10}).encode(), 400),
     ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "response_format": {"type": "json_object"}}).encode(), 400),
     ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
