@@ -74,6 +74,7 @@ class Tokenizer:
             eos.add(self.hf.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.vocab_size = len(self.hf)
+        self._token_text: dict[int, str] = {}  # token_texts' cache, at most one entry per vocabulary id
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text)["input_ids"])
@@ -82,8 +83,12 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=True)
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's own text (special tokens included), as logprobs name tokens."""
-        return self.hf.batch_decode([[i] for i in ids], skip_special_tokens=False)
+        """Each token's own text (special tokens included), as logprobs name tokens; each id is
+        decoded once per process (an echoed prompt names thousands per request)."""
+        new = [i for i in dict.fromkeys(ids) if i not in self._token_text]
+        if new:
+            self._token_text.update(zip(new, self.hf.batch_decode([[i] for i in new], skip_special_tokens=False)))
+        return [self._token_text[i] for i in ids]
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         if not self.hf.chat_template:

@@ -31,13 +31,17 @@ class SamplingParams:
     #                                   the first output; the prompt is then computed whole (no cache)
     # logits processing, in this order (as vLLM): logit_bias, the penalties; then greedy takes the
     # argmax, sampling applies temperature, min_p, top_k, top_p
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100]); or a dict
     repetition_penalty: float = 1.0   # > 0; tokens of prompt + output: logit / p if > 0 else * p
     frequency_penalty: float = 0.0    # [-2, 2]; minus this times the token's count in the output
     presence_penalty: float = 0.0     # [-2, 2]; minus this once for a token in the output
     min_p: float = 0.0                # [0, 1]; drop tokens under min_p times the top probability
     top_k: int = 0                    # keep the k most likely tokens; 0 or -1: all
     min_tokens: int = 0               # no EOS, stop token or stop string before this many tokens (vLLM)
+
+    def __post_init__(self):
+        if isinstance(self.logit_bias, dict):  # {token id: bias}, as the OpenAI API sends it
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
 
     @property
     def processes_logits(self) -> bool:
@@ -70,10 +74,12 @@ class SamplingParams:
                 or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got "
                                       f"{self.min_tokens!r}", param="min_tokens")
-        for tok, bias in self.logit_bias:
-            if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 or not -100.0 <= bias <= 100.0:
-                raise InvalidRequestError(f"logit_bias maps token ids to values in [-100, 100], got {tok!r}: {bias!r}",
-                                          param="logit_bias")
+        for pair in self.logit_bias if isinstance(self.logit_bias, tuple) else [self.logit_bias]:
+            tok, bias = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+            if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0 \
+                    or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError(f"logit_bias maps token ids to values in [-100, 100] ({{id: bias}} or "
+                                          f"((id, bias), ...)), got {pair!r}", param="logit_bias")
         if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
                                                  or isinstance(self.prompt_logprobs, bool)
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):

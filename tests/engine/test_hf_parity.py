@@ -78,6 +78,9 @@ def test_logprobs_match_hf(engine, hf_model, temperature):
             assert top[0][0] == tok and top[0][1] == pytest.approx(lp, abs=1e-6)
     # asked for none: none computed
     assert engine.generate(prompt, SamplingParams(max_tokens=2))[0].logprobs is None
+    # the names logprobs give tokens (cached per id): each token decoded alone, special ones too
+    named = ids + sorted(engine.eos_token_ids) + ids
+    assert engine.tokenizer.token_texts(named) == [engine.tokenizer.hf.decode([i]) for i in named]
     # 0 alternatives: each token's own value only
     r0 = engine.generate(prompt, SamplingParams(max_tokens=3, logprobs=0))[0]
     assert [len(top) for _, top in r0.logprobs] == [0, 0, 0]
@@ -105,7 +108,7 @@ def test_penalties_and_logit_bias_match_reference(engine, hf_model):
     plain = engine.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
     bias = ((plain[0], -100.0), (plain[1], 3.0))
     params = SamplingParams(max_tokens=n, ignore_eos=True, frequency_penalty=0.8, presence_penalty=0.5,
-                            logit_bias=bias)
+                            logit_bias=dict(bias))  # a dict, as the API sends it, or pairs
     got = engine.generate(prompt, params)[0].token_ids
     out: list[int] = []
     with torch.no_grad():
@@ -133,6 +136,8 @@ def test_top_k_and_min_p_narrow_sampling(engine):
 @pytest.mark.parametrize("field,value", [("frequency_penalty", 2.5), ("presence_penalty", -3.0),
                                          ("repetition_penalty", 0.0), ("min_p", 1.5), ("top_k", -2),
                                          ("logit_bias", ((5, 101.0),)), ("logit_bias", ((10 ** 6, 1.0),)),
+                                         ("logit_bias", [5]), ("logit_bias", 5), ("logit_bias", {5: "x"}),
+                                         ("min_tokens", -1),
                                          ("logprobs", 21)])
 def test_bad_sampling_values_are_refused(engine, field, value):
     from lmdisagg.errors import InvalidRequestError
