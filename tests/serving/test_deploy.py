@@ -46,6 +46,12 @@ def test_python_pipeline(local_ray, engine, mode):
         assert got.prompt_tokens == expected.prompt_tokens and got.completion_tokens == 24
         streamed = list(pipe.stream(prompt, max_tokens=24, ignore_eos=True))
         assert "".join(d.text for d in streamed) == expected.text and streamed[-1].finished
+        # the new sampling fields through the Python API, in both modes: logprobs, a bias as a dict
+        ban = {expected.token_ids[0]: -100}
+        want = engine.generate(prompt, SamplingParams(max_tokens=6, logprobs=2, logit_bias=ban))[0]
+        lp = pipe.generate(prompt, max_tokens=6, logprobs=2, logit_bias=ban)
+        assert lp.token_ids == want.token_ids and lp.token_ids[0] != expected.token_ids[0]
+        assert [v for v, _ in lp.logprobs] == pytest.approx([v for v, _ in want.logprobs], abs=1e-4)
         chat = pipe.generate("What is 2+2?", chat=True, max_tokens=30)
         assert chat.text == engine.generate("What is 2+2?", SamplingParams(max_tokens=30), chat=True)[0].text
         # the router's URL is the same path, over HTTP
