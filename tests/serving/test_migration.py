@@ -54,7 +54,7 @@ def test_decode_worker_killed_mid_stream(served2x2, engine):
     expected = engine.generate([messages], SamplingParams(max_tokens=n, ignore_eos=True), chat=True)[0]
     stream = s.client().chat.completions.create(
         model=MODEL, messages=messages, max_tokens=n, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True})
     chunks, victim = [], None
     for ch in stream:
         chunks.append(ch)
@@ -63,6 +63,9 @@ def test_decode_worker_killed_mid_stream(served2x2, engine):
     assert victim is not None
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected.text
+    # and token for token (vLLM's return_token_ids, per chunk): none lost or repeated at the migration
+    ids = [t for c in chunks if c.choices for t in (c.choices[0].model_extra or {}).get("token_ids") or []]
+    assert ids == expected.token_ids
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finals] == ["length"]
     usage = chunks[-1].usage
