@@ -17,6 +17,7 @@ from lmdisagg.engine.config import EngineConfig
 from lmdisagg.engine.model_runner import ModelRunner
 from lmdisagg.engine.request import RequestOutput, SamplingParams, Sequence, Status
 from lmdisagg.engine.scheduler import Scheduler
+from lmdisagg.engine.structured import Grammars
 from lmdisagg.errors import ContextLengthError, InvalidRequestError, LmdisaggError, OutOfBlocksError
 from lmdisagg.kv.keys import ChunkKey, KeyNamespace, chunk_keys
 from lmdisagg.kv.layout import KVLayout, torch_dtype
@@ -106,6 +107,7 @@ class Engine(EngineBase):
         self.stats = EngineStats()
         self._arrival: dict[str, float] = {}
         self._max_stop_len = 0
+        self._grammars: Grammars | None = None
 
     def _default_num_blocks(self) -> int:
         budget = self.config.kv_cache_bytes
@@ -161,6 +163,8 @@ class Engine(EngineBase):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if any(tok >= vocab for tok, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if params.structured is not None:
+            self.grammars().compile(params.structured)  # 400 for a constraint that does not compile
         n = len(prompt_token_ids)
         if n >= self.max_model_len:
             raise ContextLengthError(
@@ -198,8 +202,19 @@ class Engine(EngineBase):
         self._arrival[request_id] = time.perf_counter()
         self.scheduler.add(seq)
 
+    def grammars(self) -> Grammars:
+        """Structured outputs' compiler for this model's vocabulary (made on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError(f"model {self.config.model!r} has no tokenizer, which structured "
+                                          f"outputs need", param="response_format")
+            self._grammars = Grammars(self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammars
+
     def _sequence(self, request_id: str, prompt_token_ids, params: SamplingParams) -> Sequence:
         seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.structured is not None:  # fed the output tokens it has (resumed, handed off) at the first mask
+            seq.grammar = self.grammars().state(params.structured)
         if params.min_tokens:
             ban = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
             seq.min_tokens_ban = tuple(sorted(ban))

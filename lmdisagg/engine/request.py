@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmdisagg.engine.structured import normalize as normalize_structured
 from lmdisagg.errors import InvalidRequestError
 
 
@@ -38,16 +39,24 @@ class SamplingParams:
     min_p: float = 0.0                # [0, 1]; drop tokens under min_p times the top probability
     top_k: int = 0                    # keep the k most likely tokens; 0 or -1: all
     min_tokens: int = 0               # no EOS, stop token or stop string before this many tokens (vLLM)
+    # structured outputs (lmdisagg.engine.structured): (kind, spec), kind "json" (a JSON schema, as
+    # text or a dict; "" any JSON object), "regex", "choice" (a list of strings) or "grammar" (EBNF)
+    structured: tuple[str, str] | None = None
 
     def __post_init__(self):
         if isinstance(self.logit_bias, dict):  # {token id: bias}, as the OpenAI API sends it
             object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        if self.structured is not None:  # the spec as text (a malformed one is refused by validate)
+            try:
+                object.__setattr__(self, "structured", normalize_structured(self.structured))
+            except InvalidRequestError:
+                pass
 
     @property
     def processes_logits(self) -> bool:
         """True when the logits are changed before sampling (not only temperature / top_p)."""
         return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
-            or self.presence_penalty != 0.0 or self.min_tokens > 0
+            or self.presence_penalty != 0.0 or self.min_tokens > 0 or self.structured is not None
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
@@ -80,6 +89,10 @@ class SamplingParams:
                     or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
                 raise InvalidRequestError(f"logit_bias maps token ids to values in [-100, 100] ({{id: bias}} or "
                                           f"((id, bias), ...)), got {pair!r}", param="logit_bias")
+        if self.structured is not None:
+            normalize_structured(self.structured)
+            if self.min_tokens:  # a complete output may only be followed by EOS, which min_tokens bans
+                raise InvalidRequestError("min_tokens cannot be combined with structured outputs", param="min_tokens")
         if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
                                                  or isinstance(self.prompt_logprobs, bool)
                                                  or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
@@ -119,6 +132,7 @@ class Sequence:
     prompt_logprobs: list | None = None  # computed with the prompt when params.prompt_logprobs is set
     min_tokens_ban: tuple[int, ...] = ()  # tokens that may not come before params.min_tokens (EOS, stop ids)
     stop_from: int = 0                # stop strings are matched in text ending past this character
+    grammar: object = None            # structured.GrammarState when params.structured is set
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -1,5 +1,6 @@
 """Token sampling: greedy, or temperature + min_p / top_k / top_p with a per-request seeded
-generator; logit_bias and the repetition / frequency / presence penalties first (as vLLM)."""
+generator; logit_bias, the repetition / frequency / presence penalties and a structured output's
+grammar mask first (as vLLM)."""
 from __future__ import annotations
 
 import torch
@@ -88,7 +89,8 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
 def process_logits(row: torch.Tensor, seq: Sequence) -> None:
     """In place on one sequence's logits [vocab]: logit_bias, then the repetition penalty (tokens
     of prompt + output, as HF transformers and vLLM), then the frequency and presence penalties
-    (tokens of the output, as OpenAI), then min_tokens' ban on EOS and stop tokens."""
+    (tokens of the output, as OpenAI), then min_tokens' ban on EOS and stop tokens, then the
+    structured-output mask (-inf for the tokens its grammar cannot take next)."""
     p = seq.params
     dev = row.device
     if p.logit_bias:
@@ -104,3 +106,5 @@ def process_logits(row: torch.Tensor, seq: Sequence) -> None:
         row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
     if len(out) < p.min_tokens and seq.min_tokens_ban:  # EOS and stop tokens wait for min_tokens
         row[torch.tensor(seq.min_tokens_ban, device=dev)] = float("-inf")
+    if seq.grammar is not None:
+        seq.grammar.mask(row, out)

@@ -1,11 +1,12 @@
 """The OpenAI wire format: request models (what real clients send) and response builders.
 
-Fields we cannot honour (``best_of`` > n, tools, structured output and the others in ``_NEUTRAL``)
+Fields we cannot honour (``best_of`` > n, tools and the others in ``_NEUTRAL``)
 are rejected with 400 rather than silently dropped. ``echo`` with ``logprobs`` (completions) gives
 the prompt's tokens logprobs too.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Literal, Union
 
@@ -18,7 +19,6 @@ from lmdisagg.errors import InvalidRequestError
 # fields real clients send that this server cannot honour: refused (400) unless set to what
 # they mean when absent (any other unknown field is ignored: clients send vendor fields)
 _NEUTRAL = {
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") in (None, "text")),
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
     "tool_choice": lambda v: v in (None, "none"),
@@ -26,8 +26,6 @@ _NEUTRAL = {
     "prompt_logprobs": lambda v: v is None,                       # vLLM: needs echo
     "bad_words": lambda v: not v,                                 # vLLM
     "include_stop_str_in_output": lambda v: not v,                # vLLM
-    "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None,  # vLLM structured output
-    "guided_choice": lambda v: v is None, "guided_grammar": lambda v: v is None,
     "prediction": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
     "audio": lambda v: v is None,
@@ -64,6 +62,13 @@ class _Common(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     min_tokens: int | None = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and guided_* fields
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: Union[dict, str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("n")
     @classmethod
@@ -99,6 +104,47 @@ class _Common(BaseModel):
     def logprob_count(self) -> int | None:
         """Alternatives per generated token to return with its log-probability; None: no logprobs."""
         raise NotImplementedError
+
+    def structured(self) -> tuple[str, object] | None:
+        """SamplingParams.structured from whichever field asks for it (at most one may)."""
+        found = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                found.append(("response_format", ("json", "")))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema") or {}, dict):
+                    raise InvalidRequestError("response_format.json_schema must be an object whose schema is a "
+                                              "JSON schema object", param="response_format")
+                schema = js.get("schema")
+                found.append(("response_format", ("json", "" if schema is None else schema)))
+            elif kind not in (None, "text"):
+                raise InvalidRequestError(f"response_format type {kind!r} is not supported (text, json_object, "
+                                          f"json_schema)", param="response_format")
+        so = self.structured_outputs or {}
+        for key in ("json", "regex", "choice", "grammar"):
+            if so.get(key) is not None:
+                found.append(("structured_outputs", (key, so[key])))
+        if so.get("json_object"):
+            found.append(("structured_outputs", ("json", "")))
+        for key in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{key}")
+            if value is not None:
+                found.append((f"guided_{key}", (key, value)))
+        if len(found) > 1:
+            raise InvalidRequestError(f"one structured-output constraint per request, got "
+                                      f"{', '.join(name for name, _ in found)}", param=found[1][0])
+        if not found:
+            return None
+        name, (kind, spec) = found[0]
+        if kind == "json" and isinstance(spec, str) and spec:
+            try:
+                json.loads(spec)
+            except ValueError as e:
+                raise InvalidRequestError(f"{name}: the JSON schema is not valid JSON: {e}", param=name) from None
+        return kind, spec
 
 
 class CompletionRequest(_Common):

@@ -93,6 +93,7 @@ class Router:
         self.model_name = self.config.router.served_model_name or self.config.model
         self._poller: asyncio.Task | None = None
         self.in_flight = 0
+        self._grammars = None  # structured outputs' compiler: a bad constraint is a 400 here, not mid-stream
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -188,6 +189,14 @@ class Router:
         if n + params.max_tokens > self.max_model_len:
             raise ContextLengthError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                                      f"of {self.max_model_len} tokens", param="max_tokens")
+        if params.structured is not None:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise InvalidRequestError("this model has no tokenizer, which structured outputs need",
+                                              param="response_format")
+                from lmdisagg.engine.structured import Grammars
+                self._grammars = Grammars(self.tokenizer.hf, self.tokenizer.vocab_size, self.tokenizer.eos_token_ids)
+            self._grammars.compile(params.structured)  # xgrammar caches it (ms for a schema)
 
     # --- one choice ---------------------------------------------------------------------------
     def _loads(self, refs: list[WorkerRef]) -> list[WorkerLoad]:

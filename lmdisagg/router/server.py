@@ -159,6 +159,7 @@ class OpenAIServer:
         logprobs = body.logprob_count()
         prompt_logprobs = None if chat else body.prompt_logprob_count()
         processing = body.processing()
+        structured = body.structured()
         out = []
         base = uuid.uuid4().hex
         for pi, ids in enumerate(prompts):
@@ -169,7 +170,7 @@ class OpenAIServer:
                     max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=body.stop_list(),
                     stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
-                    logprobs=logprobs, prompt_logprobs=prompt_logprobs, **processing)
+                    logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=structured, **processing)
                 r.check(ids, params)
                 out.append((pi * body.n + i, GenerateRequest(f"{base}-{pi}-{i}", ids, params)))
         return out

@@ -28,10 +28,13 @@ def hf_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_random_llama(path: Path, cfg: ModelConfig, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json."""
+def write_random_llama(path: Path, cfg: ModelConfig, seed: int = 0, byte_level: bool = False) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json.
+    ``byte_level``: a byte-level BPE tokenizer without merges (each byte a token, as GPT-2's
+    alphabet; BOS / EOS special tokens of their own) instead of the word-level one, so that any
+    text can be written: what structured outputs need."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps({**cfg.to_hf(), "torch_dtype": "float32"}))
     g = torch.Generator().manual_seed(seed)
@@ -42,8 +45,19 @@ def write_random_llama(path: Path, cfg: ModelConfig, seed: int = 0) -> Path:
         else:
             tensors[name] = torch.randn(shape, generator=g) / shape[-1] ** 0.5
     save_file(tensors, str(path / "model.safetensors"))
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if byte_level:
+        special = {cfg.bos_token_id, *cfg.eos_token_ids}
+        free = iter(i for i in range(cfg.vocab_size) if i not in special)
+        vocab = {f"w{i}": i for i in special}
+        vocab.update({ch: next(free) for ch in pre_tokenizers.ByteLevel.alphabet()})
+        vocab.update({f"w{i}": i for i in free})
+        tok = Tokenizer(models.BPE(vocab, []))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([f"w{i}" for i in sorted(special)])
+    else:
+        tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "w0",

@@ -192,6 +192,27 @@ def test_logits_processing_on_the_gpu(cuda_engine):
         assert r.token_ids == greedy, extra
 
 
+def test_structured_output_on_the_gpu(tmp_path_factory):
+    """The grammar mask applied to CUDA logits (xgrammar's GPU kernel), in graph decode steps:
+    a random-weight model with a byte-level tokenizer writes what the regex / choices allow."""
+    import re
+    d = write_random_llama(tmp_path_factory.mktemp("byte-level"), DUMMY_SHAPES["smollm2-135m-dummy"],
+                           byte_level=True)
+    e = Engine(model=str(d), device="cuda", dtype="bfloat16", kv_cache_bytes=1 << 29, max_num_seqs=8)
+    prompt = e.encode("Call me at")
+    free = e.generate(prompt, SamplingParams(max_tokens=12))[0].text
+    pattern = r"\(\d{3}\) \d{3}-\d{4}"
+    assert not re.fullmatch(pattern, free)
+    for temperature in (0.0, 1.0):
+        outs = e.generate([prompt] * 3, SamplingParams(max_tokens=30, temperature=temperature, seed=4,
+                                                       structured=("regex", pattern)))
+        for r in outs:
+            assert r.finish_reason == "stop" and re.fullmatch(pattern, r.text), r.text
+    r = e.generate(prompt, SamplingParams(max_tokens=10, structured=("choice", ["alpha", "beta"])))[0]
+    assert r.text in ("alpha", "beta") and r.finish_reason == "stop"
+    assert e.blocks.num_free == e.blocks.num_blocks
+
+
 def test_graph_decode_equals_eager_decode():
     """Same model, same bf16 kernels; graphs on or off must not change one token. Batch sizes are
     bucket sizes, so both paths run matmuls of the same shapes."""

@@ -125,6 +125,58 @@ def test_penalties_bias_top_k_min_p_equal_engine(served, engine):
     assert r.usage.completion_tokens >= 1
 
 
+def test_structured_outputs_equal_engine(served, engine):
+    """response_format (json_schema, json_object), the openai client's ``parse`` helper with a
+    pydantic model, and vLLM's guided_regex / structured_outputs, served disaggregated: the
+    prefill worker samples the first token under the grammar, the decode worker replays it into
+    its own matcher and goes on. The tokens equal one engine's; the output fits (jsonschema, re)."""
+    import re
+    from typing import Literal
+
+    import jsonschema
+    import pydantic
+
+    from tests.engine.test_structured import ASK, PERSON
+    c = served.client()
+    ask = ASK[0]["content"]
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    want = ref(engine, ask, 80, chat=True, structured=("json", PERSON))
+    r = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=80, response_format=rf, **GREEDY)
+    assert r.choices[0].model_extra["token_ids"] == want.token_ids
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    want = ref(engine, ask, 80, chat=True, structured=("json", PERSON), temperature=1.2, seed=3)
+    r = c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=80, response_format=rf, temperature=1.2,
+                                  seed=3)
+    assert r.choices[0].message.content == want.text
+    jsonschema.validate(json.loads(want.text), PERSON)
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+        city: Literal["Paris", "Rome", "Oslo"]
+    parsed = c.chat.completions.parse(model=MODEL, messages=ASK, max_tokens=80, temperature=0,
+                                      response_format=Person).choices[0].message.parsed
+    assert isinstance(parsed, Person)
+    # json_object, streamed
+    want = ref(engine, ask, 80, chat=True, structured=("json", ""))
+    chunks = list(c.chat.completions.create(model=MODEL, messages=ASK, max_tokens=80, temperature=0, stream=True,
+                                            response_format={"type": "json_object"}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want.text and isinstance(json.loads(text), dict)
+    # vLLM's fields: guided_regex on completions, structured_outputs' choice on chat
+    pattern = r" \(\d{3}\) \d{3}-\d{4}"
+    want = ref(engine, "My phone number is", 30, structured=("regex", pattern))
+    r = c.completions.create(model=MODEL, prompt="My phone number is", max_tokens=30, temperature=0,
+                             extra_body={"guided_regex": pattern})
+    assert r.choices[0].text == want.text and re.fullmatch(pattern, want.text)
+    options = ["positive", "negative", "neutral"]
+    msgs = [{"role": "user", "content": "Is 'I loved this film' positive or negative?"}]
+    want = ref(engine, msgs[0]["content"], 10, chat=True, structured=("choice", options))
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": options}})
+    assert r.choices[0].message.content == want.text and want.text in options
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_logprobs_equal_engine(served, engine, chat):
     """logprobs through the disaggregated path (the first token's computed by the prefill worker,
@@ -265,8 +317,22 @@ BAD = [
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_p": 2}).encode(), 400),
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "suffix": "end"}).encode(), 400),
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "min_tokens": 50, "max_tokens": 10}).encode(), 400),
-    ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                     "response_format": {"type": "json_object"}}).encode(), 400),
+    # structured outputs: a constraint that does not compile, or two of them, is refused before
+    # any worker sees it (also when streamed: no 200 first)
+    *[("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}).encode(),
+       400) for extra in [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+         "stream": True},
+        {"response_format": {"type": "json_schema", "json_schema": "not an object"}},
+        {"response_format": {"type": "yaml"}},
+        {"response_format": {"type": "json_object"}, "guided_regex": "a+"},
+        {"guided_json": "{not json"},
+        {"guided_regex": "(unclosed"},
+        {"guided_choice": []},
+        {"structured_outputs": {"grammar": "root ::= missing_rule"}},
+        {"response_format": {"type": "json_object"}, "min_tokens": 2},
+    ]],
     ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "echo": True}).encode(), 400),
 ]
