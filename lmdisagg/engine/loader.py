@@ -90,8 +90,34 @@ class Tokenizer:
             self._token_text.update(zip(new, self.hf.batch_decode([[i] for i in new], skip_special_tokens=False)))
         return [self._token_text[i] for i in ids]
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not self.hf.chat_template:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """``tools`` (OpenAI's function definitions) go to templates that show them to the model.
+        An assistant turn's ``tool_calls`` are written into its content as JSON for a template
+        that does not render them (else the conversation would lose them)."""
+        template = self.hf.chat_template
+        if not template:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if "tool_calls" not in template:
+            messages = [_calls_as_text(m) for m in messages]
+        try:
+            text = self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template's own error (jinja raise_exception, a missing key)
+            raise InvalidRequestError(f"the chat template cannot render these messages: {e}", param="messages") from e
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+
+def _calls_as_text(m: dict) -> dict:
+    calls = m.get("tool_calls")
+    if not calls:
+        return m
+    shown = []
+    for c in calls:
+        f = c.get("function", c) if isinstance(c, dict) else {}
+        args = f.get("arguments")
+        try:  # OpenAI sends the arguments as JSON text: shown as the object
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            pass
+        shown.append({"name": f.get("name"), "arguments": args})
+    text = json.dumps(shown, ensure_ascii=False)
+    return {k: v for k, v in m.items() if k != "tool_calls"} | {"content": (m.get("content") or "") + text}

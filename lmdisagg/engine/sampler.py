@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmdisagg.engine.request import Sequence, TokenLogprob
+from lmdisagg.engine.structured import apply_masks
 
 
 def to_host(t: torch.Tensor, pinned: torch.Tensor | None = None) -> list:
@@ -60,6 +61,10 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
         for i, seq in enumerate(seqs):
             if seq.params.processes_logits:
                 process_logits(logits[i], seq)
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:  # structured outputs: their grammars' masks, last (-inf stays -inf)
+            apply_masks(logits, constrained, [seqs[i].grammar for i in constrained],
+                        [seqs[i].output_token_ids for i in constrained])
     greedy = to_host(logits.argmax(dim=-1), pinned)
     out = []
     for i, seq in enumerate(seqs):
@@ -89,8 +94,8 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
 def process_logits(row: torch.Tensor, seq: Sequence) -> None:
     """In place on one sequence's logits [vocab]: logit_bias, then the repetition penalty (tokens
     of prompt + output, as HF transformers and vLLM), then the frequency and presence penalties
-    (tokens of the output, as OpenAI), then min_tokens' ban on EOS and stop tokens, then the
-    structured-output mask (-inf for the tokens its grammar cannot take next)."""
+    (tokens of the output, as OpenAI), then min_tokens' ban on EOS and stop tokens. (A structured
+    output's grammar mask comes after, for all constrained rows at once: ``apply_masks``.)"""
     p = seq.params
     dev = row.device
     if p.logit_bias:
@@ -106,5 +111,4 @@ def process_logits(row: torch.Tensor, seq: Sequence) -> None:
         row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
     if len(out) < p.min_tokens and seq.min_tokens_ban:  # EOS and stop tokens wait for min_tokens
         row[torch.tensor(seq.min_tokens_ban, device=dev)] = float("-inf")
-    if seq.grammar is not None:
-        seq.grammar.mask(row, out)
+

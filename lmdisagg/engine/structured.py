@@ -103,32 +103,44 @@ class Grammars:
 class GrammarState:
     """One sequence's matcher."""
 
-    __slots__ = ("g", "matcher", "fed", "bitmask", "broken")
+    __slots__ = ("g", "matcher", "fed", "broken")
 
     def __init__(self, grammars: Grammars, compiled):
         self.g = grammars
         self.matcher = grammars.xgr.GrammarMatcher(compiled)
         self.fed = 0  # output tokens accepted so far
-        self.bitmask = grammars.xgr.allocate_token_bitmask(1, grammars.vocab_size)
         self.broken = False
 
-    def mask(self, row: torch.Tensor, output_ids: list[int]) -> None:
-        """-inf, in place, on the logits [vocab] of the tokens the grammar cannot take after
-        ``output_ids`` (the sequence's output so far)."""
+    def fill(self, bitmask: torch.Tensor, row: int, output_ids: list[int]) -> None:
+        """Set row ``row`` of an xgrammar bitmask (int32, a bit per token: allowed) to the tokens
+        the grammar can take after ``output_ids`` (the sequence's output so far)."""
         m = self.matcher
-        for tok in output_ids[self.fed:]:
-            if not self.broken and not m.accept_token(tok):
+        for tok in output_ids[self.fed:]:  # (once terminated, the stop tokens after it are not fed)
+            if not self.broken and not m.is_terminated() and not m.accept_token(tok):
                 # cannot happen for tokens sampled under this mask; never crash the step over it
                 log.error("structured output: token %d does not fit the grammar; the rest of this "
                           "request is unconstrained", tok)
                 self.broken = True
             self.fed += 1
         if self.broken:
-            return
-        if m.is_terminated():  # complete, and a stop token was taken (ignore_eos): only stop tokens
-            keep = row[list(self.g.stop_token_ids)].clone()
-            row.fill_(float("-inf"))
-            row[list(self.g.stop_token_ids)] = keep
-            return
-        m.fill_next_token_bitmask(self.bitmask)
-        self.g.xgr.apply_token_bitmask_inplace(row.view(1, -1), self.bitmask.to(row.device))
+            bitmask[row] = -1
+        elif m.is_terminated():  # complete, and a stop token was taken (ignore_eos): only stop tokens
+            bitmask[row] = 0
+            for t in self.g.stop_token_ids:
+                bitmask[row, t // 32] |= _bit(t % 32)
+        else:
+            m.fill_next_token_bitmask(bitmask, row)
+
+
+def _bit(b: int) -> int:
+    return 1 << b if b < 31 else -(1 << 31)  # as an int32
+
+
+def apply_masks(logits: torch.Tensor, rows: list[int], states: list[GrammarState], outputs: list[list[int]]) -> None:
+    """-inf, in place, on the logits [B, vocab] of ``rows`` for the tokens each row's grammar
+    cannot take next: one bitmask for all of them, one copy to the logits' device, one kernel."""
+    g = states[0].g
+    bitmask = g.xgr.allocate_token_bitmask(logits.shape[0], g.vocab_size)  # row i masks logits row i
+    for i, st, out in zip(rows, states, outputs):
+        st.fill(bitmask, i, out)
+    g.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

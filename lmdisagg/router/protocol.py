@@ -1,6 +1,6 @@
 """The OpenAI wire format: request models (what real clients send) and response builders.
 
-Fields we cannot honour (``best_of`` > n, tools and the others in ``_NEUTRAL``)
+Fields we cannot honour (``best_of`` > n, tool_choice "auto" and the others in ``_NEUTRAL``)
 are rejected with 400 rather than silently dropped. ``echo`` with ``logprobs`` (completions) gives
 the prompt's tokens logprobs too.
 """
@@ -21,7 +21,6 @@ from lmdisagg.errors import InvalidRequestError
 _NEUTRAL = {
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
-    "tool_choice": lambda v: v in (None, "none"),
     "suffix": lambda v: not v,
     "prompt_logprobs": lambda v: v is None,                       # vLLM: needs echo
     "bad_words": lambda v: not v,                                 # vLLM
@@ -201,11 +200,93 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object (absent: no arguments)
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolPlan:
+    """How a chat request's tools are answered: ``named`` (tool_choice names a function: its
+    arguments, constrained to its parameters' schema) or ``required`` (a JSON array of one or
+    more {"name", "parameters"} calls, constrained to the tools' schemas, as vLLM does)."""
+
+    def __init__(self, mode: str, tools: list[Tool], name: str | None, parallel: bool):
+        self.mode, self.tools, self.name = mode, tools, name
+        params = {t.function.name: t.function.parameters or {"type": "object", "properties": {}} for t in tools}
+        if mode == "named":
+            self.structured = ("json", params[name])
+        else:
+            call = [{"type": "object", "properties": {"name": {"type": "string", "enum": [n]}, "parameters": p},
+                     "required": ["name", "parameters"], "additionalProperties": False} for n, p in params.items()]
+            schema = {"type": "array", "minItems": 1, "items": call[0] if len(call) == 1 else {"anyOf": call}}
+            if not parallel:
+                schema["maxItems"] = 1
+            self.structured = ("json", schema)
+
+    def calls(self, text: str, finish_reason: str | None, call_id) -> tuple[list[dict] | None, str | None]:
+        """(tool_calls, finish_reason) for a choice's generated text; (None, reason) when the text
+        is not a complete call list (``max_tokens`` cut it: it is returned as content)."""
+        if self.mode == "named":  # the text is the arguments object (cut short if finish is "length")
+            return [tool_call(call_id(), self.name, text)], finish_reason
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return None, finish_reason
+        return [tool_call(call_id(), it["name"], json.dumps(it["parameters"], ensure_ascii=False))
+                for it in items], ("tool_calls" if finish_reason == "stop" else finish_reason)
+
+
+def tool_call(call_id: str, name: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    tools: list | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
+    parallel_tool_calls: bool | None = None
     top_logprobs: int | None = None
+
+    def tool_plan(self) -> ToolPlan | None:
+        """None when no tool call is forced (no tools, or tool_choice "none")."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+            return None
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("tools have duplicate names", param="tools")
+        if choice == "none":
+            return None
+        if choice in (None, "auto"):  # as vLLM without --enable-auto-tool-choice
+            raise InvalidRequestError(
+                'tool_choice "auto" (the default when tools are given) needs a parser for the model\'s own '
+                'tool-call format, which this server does not have; send tool_choice "required" or '
+                '{"type": "function", "function": {"name": ...}} (the call is then constrained to the '
+                'tools\' schemas), or "none"', param="tool_choice")
+        if self.logprobs:
+            raise InvalidRequestError("logprobs are not returned with tool calls", param="logprobs")
+        if choice == "required":
+            return ToolPlan("required", self.tools, None, self.parallel_tool_calls is not False)
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in names:
+            raise InvalidRequestError(f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
+                                      f"\"function\": {{\"name\": one of {names}}}}}", param="tool_choice")
+        return ToolPlan("named", self.tools, name, False)
+
+    def tool_defs(self) -> list[dict] | None:
+        """The tools as chat templates take them (templates that know tools show them to the model)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     def logprob_count(self) -> int | None:
         lp, top = self.logprobs, self.top_logprobs
@@ -218,14 +299,20 @@ class ChatCompletionRequest(_Common):
             raise InvalidRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs")
         return (top or 0) if lp else None
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.tools:
-            raise InvalidRequestError("tools are not supported by this server", param="tools")
-
     def template_messages(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        """Messages for the chat template; an assistant turn's tool_calls and a tool result's
+        tool_call_id go along (a template that does not render tool calls gets them written into
+        the turn's content: ``Tokenizer.apply_chat_template``)."""
+        out = []
+        for m in self.messages:
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            extra = m.model_extra or {}
+            if m.role == "assistant" and extra.get("tool_calls"):
+                msg["tool_calls"] = extra["tool_calls"]
+            if m.role == "tool" and extra.get("tool_call_id"):
+                msg["tool_call_id"] = extra["tool_call_id"]
+            out.append(msg)
+        return out
 
 
 def usage(prompt: int, completion: int, cached: int) -> dict:
@@ -258,6 +345,9 @@ def completion_response(rid: str, model: str, choices: list[dict], use: dict, ch
     if chat:
         body = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
                  "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]} for c in choices]
+        for b, c in zip(body, choices):
+            if c.get("tool_calls"):  # OpenAI: the calls, and no content
+                b["message"].update(content=None, tool_calls=c["tool_calls"])
         obj = "chat.completion"
     else:
         body = [{"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"),
@@ -280,6 +370,13 @@ def stream_chunk(rid: str, model: str, index: int, text: str | None, finish_reas
                 "choices": [choice]}
     choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def tool_chunk(rid: str, model: str, index: int, calls: list[dict], created: int | None = None) -> dict:
+    """A chat chunk whose delta carries tool calls (each with its ``index`` among the choice's calls)."""
+    chunk = stream_chunk(rid, model, index, None, None, True, created=created)
+    chunk["choices"][0]["delta"]["tool_calls"] = calls
+    return chunk
 
 
 def usage_chunk(rid: str, model: str, use: dict, chat: bool, created: int | None = None) -> dict:

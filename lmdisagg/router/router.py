@@ -173,10 +173,10 @@ class Router:
             raise InvalidRequestError("this model has no tokenizer; send token ids as the prompt", param="prompt")
         return self.tokenizer.encode(prompt)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer/chat template", param="messages")
-        return self.tokenizer.apply_chat_template(messages)
+        return self.tokenizer.apply_chat_template(messages, tools=tools)
 
     def check(self, ids: list[int], params: SamplingParams) -> None:
         params.validate()

@@ -145,13 +145,19 @@ class OpenAIServer:
             loc = ".".join(str(x) for x in first["loc"])
             raise _Unprocessable(f"{loc}: {first['msg']}", loc.split(".")[0] if loc else None) from None
 
-    def _requests(self, body, chat: bool) -> list[tuple[int, GenerateRequest]]:
+    def _requests(self, body, chat: bool, plan=None) -> list[tuple[int, GenerateRequest]]:
         r = self.router
         if body.model != r.model_name:
             raise ModelNotFoundError(f"model {body.model!r} is not served here; try {r.model_name!r}", param="model")
         body.check_supported()
+        structured = body.structured()
+        if plan is not None:  # a forced tool call: constrained to the tools' schemas
+            if structured is not None:
+                raise InvalidRequestError("a forced tool call and a structured-output constraint cannot be combined",
+                                          param="tool_choice")
+            structured = plan.structured
         if chat:
-            prompts = [r.encode_chat(body.template_messages())]
+            prompts = [r.encode_chat(body.template_messages(), tools=body.tool_defs())]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         else:
             prompts = [r.encode_prompt(p) for p in body.prompts()]
@@ -159,7 +165,6 @@ class OpenAIServer:
         logprobs = body.logprob_count()
         prompt_logprobs = None if chat else body.prompt_logprob_count()
         processing = body.processing()
-        structured = body.structured()
         out = []
         base = uuid.uuid4().hex
         for pi, ids in enumerate(prompts):
@@ -181,7 +186,8 @@ class OpenAIServer:
         arrival = time.perf_counter()
         try:
             body = await self._parse(request, chat)
-            reqs = self._requests(body, chat)
+            plan = body.tool_plan() if chat else None
+            reqs = self._requests(body, chat, plan)
             if r.in_flight + len(reqs) > r.config.router.max_queued_requests:
                 raise OverloadedError(f"{r.in_flight} requests in flight; try again later")
         except _Unprocessable as e:
@@ -203,8 +209,8 @@ class OpenAIServer:
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return await self._stream(request, rid, reqs, chat, include_usage, arrival, endpoint,
-                                          bool(body.return_token_ids), echo)
-            return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids), echo)
+                                          bool(body.return_token_ids), echo, plan)
+            return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids), echo, plan)
         finally:
             r.in_flight -= len(reqs)
             r.metrics.in_flight.set(r.in_flight)
@@ -250,7 +256,7 @@ class OpenAIServer:
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
 
     async def _complete(self, rid, reqs, chat, arrival, endpoint, return_ids: bool = False,
-                        echo: dict | None = None) -> web.Response:
+                        echo: dict | None = None, plan=None) -> web.Response:
         m = self.router.metrics
         texts = {i: (echo or {}).get(i, "") for i, _ in reqs}
         prompt_of = dict(reqs)
@@ -275,6 +281,9 @@ class OpenAIServer:
         want = reqs[0][1].params.logprobs is not None
         choices = [{"index": i, "text": texts[i], "finish_reason": finish[i],
                     "logprobs": P.logprobs_object(entries[i], chat) if want else None} for i in sorted(texts)]
+        if plan is not None:
+            for c in choices:
+                c["tool_calls"], c["finish_reason"] = plan.calls(c["text"], c["finish_reason"], call_id)
         resp = P.completion_response(rid, self.router.model_name, choices, use, chat)
         if return_ids:  # vLLM's return_token_ids extension
             for c in resp["choices"]:
@@ -320,7 +329,7 @@ class OpenAIServer:
         return P.usage(prompt, completion, cached)
 
     async def _stream(self, request, rid, reqs, chat, include_usage, arrival, endpoint,
-                      return_ids: bool = False, echo: dict | None = None) -> web.StreamResponse:
+                      return_ids: bool = False, echo: dict | None = None, plan=None) -> web.StreamResponse:
         m = self.router.metrics
         model = self.router.model_name
         created = int(time.time())
@@ -333,6 +342,7 @@ class OpenAIServer:
         last = {}
         want = reqs[0][1].params.logprobs is not None
         offset = {i: 0 for i, _ in reqs}  # completions' text_offset: characters of token text sent
+        calls_text = {i: "" for i, _ in reqs}  # tool calls ("required"): the text until it is complete
         try:
             if chat:
                 for i, _ in reqs:
@@ -346,6 +356,10 @@ class OpenAIServer:
                         chunk["choices"][0]["logprobs"] = P.logprobs_object(entries, chat)
                         offset[i] = sum(len(t) for t, _, _ in entries)
                     await send(chunk)
+                if plan is not None:  # tool calls: streamed as OpenAI's delta.tool_calls
+                    await self._stream_tool(send, rid, model, created, plan, i, d, i not in last, calls_text)
+                    last[i] = d
+                    continue
                 last[i] = d
                 # a chunk per step that made text, or tokens whose ids or logprobs were asked for
                 # (a token can make no text yet: part of a UTF-8 character or of a stop string)
@@ -375,6 +389,35 @@ class OpenAIServer:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+    @staticmethod
+    async def _stream_tool(send, rid, model, created, plan, i: int, d, first: bool, calls_text: dict) -> None:
+        """A named function's arguments stream as they are made (the first delta carries its id and
+        name); "required" calls are sent whole once the array is complete (its items' names are
+        only known then), or as content if max_tokens cut it short."""
+        if plan.mode == "named":
+            if first or d.text:
+                call = {"index": 0, "function": {"arguments": d.text}}
+                if first:
+                    call = {"index": 0, **P.tool_call(call_id(), plan.name, d.text)}
+                await send(P.tool_chunk(rid, model, i, [call], created))
+            if d.finished:
+                await send(P.stream_chunk(rid, model, i, None, d.finish_reason, True, created=created))
+            return
+        calls_text[i] += d.text
+        if not d.finished:
+            return
+        calls, reason = plan.calls(calls_text[i], d.finish_reason, call_id)
+        if calls:
+            await send(P.tool_chunk(rid, model, i, [{"index": k, **c} for k, c in enumerate(calls)], created))
+        else:
+            await send(P.stream_chunk(rid, model, i, calls_text[i], None, True, created=created))
+        await send(P.stream_chunk(rid, model, i, None, reason, True, created=created))
+
+
+def call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
 
 
 def req_n(reqs) -> int:

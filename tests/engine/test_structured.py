@@ -104,3 +104,17 @@ def test_bad_constraints_are_refused(engine, structured, param):
 def test_min_tokens_cannot_combine_with_a_grammar(engine):
     with pytest.raises(InvalidRequestError, match="min_tokens"):
         engine.add_request("bad-min", [1, 2, 3], SamplingParams(min_tokens=3, structured=("json", "")))
+
+
+def test_ignore_eos_after_a_complete_output_gives_only_stop_tokens(engine):
+    """Once the grammar is complete only a stop token may follow; with ignore_eos (benchmark
+    clients) the request goes on to max_tokens with stop tokens only, and the text stays the JSON."""
+    params = SamplingParams(max_tokens=80, structured=("json", PERSON))
+    ref = engine.generate([ASK], params, chat=True)[0]
+    assert ref.finish_reason == "stop" and ref.token_ids[-1] in engine.eos_token_ids
+    r = engine.generate([ASK], SamplingParams(max_tokens=len(ref.token_ids) + 6, ignore_eos=True,
+                                              structured=("json", PERSON)), chat=True)[0]
+    assert r.token_ids[:len(ref.token_ids)] == ref.token_ids and r.finish_reason == "length"
+    assert len(r.token_ids) == len(ref.token_ids) + 6
+    assert all(t in engine.eos_token_ids for t in r.token_ids[len(ref.token_ids):])
+    jsonschema.validate(json.loads(r.text), PERSON)

@@ -177,6 +177,77 @@ def test_structured_outputs_equal_engine(served, engine):
     assert r.choices[0].message.content == want.text and want.text in options
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"],
+                   "additionalProperties": False}}}
+
+
+def test_tool_calls_equal_engine(served, engine):
+    """Forced tool calls (a named function, or tool_choice "required"), streamed or not, through
+    the official client: the calls' arguments fit their tools' schemas (jsonschema) and are the
+    text one engine makes under the same constraint; a conversation carrying the calls and their
+    results goes on; "auto" (which needs a model-specific parser) is refused with 400."""
+    import jsonschema
+
+    from lmdisagg.router.protocol import Tool, ToolPlan
+    c = served.client()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, CLOCK)}
+    msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    kw = dict(model=MODEL, messages=msgs, tools=[WEATHER, CLOCK], temperature=0, max_tokens=60)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(tool_choice=named, **kw)
+    choice = r.choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert choice.message.content is None and choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(call.function.arguments), schemas["get_weather"])
+    want = ref(engine, msgs[0]["content"], 60, chat=True, structured=("json", schemas["get_weather"]))
+    assert call.function.arguments == want.text
+    # streamed: the id and name come first, the arguments in pieces that add up to the same text
+    chunks = list(c.chat.completions.create(tool_choice=named, stream=True, **kw))
+    deltas = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function.name == "get_weather" and len(deltas) > 2
+    assert "".join(d.function.arguments or "" for d in deltas) == want.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["stop"]
+    # required: one or more calls of any of the tools, as a JSON array under the tools' schemas
+    plan = ToolPlan("required", [Tool.model_validate(t) for t in (WEATHER, CLOCK)], None, True)
+    want = ref(engine, msgs[0]["content"], 60, chat=True, structured=plan.structured)
+    expected = [(it["name"], it["parameters"]) for it in json.loads(want.text)]
+    r = c.chat.completions.create(tool_choice="required", **kw)
+    calls = r.choices[0].message.tool_calls
+    assert [(x.function.name, json.loads(x.function.arguments)) for x in calls] == expected
+    assert r.choices[0].finish_reason == "tool_calls" and len({x.id for x in calls}) == len(calls)
+    for x in calls:
+        jsonschema.validate(json.loads(x.function.arguments), schemas[x.function.name])
+    chunks = list(c.chat.completions.create(tool_choice="required", stream=True, **kw))
+    streamed = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    assert [(x.function.name, json.loads(x.function.arguments)) for x in streamed] == expected
+    assert [x.index for x in streamed] == list(range(len(expected)))
+    r = c.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **kw)
+    assert len(r.choices[0].message.tool_calls) == 1
+    # the conversation goes on with the call and its result (SmolLM2's template does not render
+    # tool_calls: they are written into the assistant turn's content)
+    turn = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+    r = c.chat.completions.create(model=MODEL, messages=turn, tools=[WEATHER], tool_choice="none", temperature=0,
+                                  max_tokens=30, extra_body={"return_token_ids": True})
+    ids = engine.tokenizer.apply_chat_template(turn)
+    shown = engine.decode(ids)
+    assert '"name": "get_weather", "arguments": {"city": "Paris"' in shown and '"sky": "clear"' in shown
+    assert r.choices[0].model_extra["token_ids"] == engine.generate(ids, SamplingParams(max_tokens=30))[0].token_ids
+    for bad in ({}, {"tool_choice": "auto"}, {"tool_choice": {"type": "function", "function": {"name": "nope"}}}):
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            c.chat.completions.create(**{**kw, **bad})
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        c.chat.completions.create(model=MODEL, messages=msgs, tool_choice="required", max_tokens=5)
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_logprobs_equal_engine(served, engine, chat):
     """logprobs through the disaggregated path (the first token's computed by the prefill worker,
@@ -332,7 +403,14 @@ BAD = [
         {"guided_choice": []},
         {"structured_outputs": {"grammar": "root ::= missing_rule"}},
         {"response_format": {"type": "json_object"}, "min_tokens": 2},
+        # tools: a forced call with logprobs, or with a response_format, tools with one name twice
+        {"tools": [WEATHER], "tool_choice": "required", "logprobs": True},
+        {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+        {"tools": [WEATHER, WEATHER], "tool_choice": "required"},
     ]],
+    ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "tools": [{"type": "function", "function": {"description": "no name"}}],
+                                     "tool_choice": "required"}).encode(), 422),
     ("chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "echo": True}).encode(), 400),
 ]
