@@ -74,6 +74,10 @@ class Engine(EngineBase):
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidRequestError("device 'cuda' asked for, but CUDA is not available on this machine")
+        # requests' samplers draw on the logits' device: a generator made for "cuda" has no index
+        # and is not the logits' "cuda:N" generator (draws would silently use the global one)
+        self._gen_device = (torch.device("cuda", torch.cuda.current_device() if self.device.index is None
+                                         else self.device.index) if self.device.type == "cuda" else self.device)
         dtype_name = cfg.resolved_dtype()
         self.dtype = torch_dtype(dtype_name)
         if cfg.chunk_tokens <= 0 or cfg.chunk_tokens & (cfg.chunk_tokens - 1):
@@ -196,7 +200,7 @@ class Engine(EngineBase):
         seq.prefill_only = prefill_only
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            seq.generator = torch.Generator(device="cpu").manual_seed(seed)
+            seq.generator = torch.Generator(device=self._gen_device).manual_seed(seed)
         self._max_stop_len = max([self._max_stop_len] + [len(s) for s in params.stop])
         self.seqs[request_id] = seq
         self._arrival[request_id] = time.perf_counter()
@@ -464,11 +468,18 @@ class Engine(EngineBase):
         seq.token_ids.append(first_token)
         seq.num_text_emitted = seq.stop_from = num_text_emitted
         if params.temperature > 0:
-            seq.generator = torch.Generator(device="cpu")
-            if generator_state is not None:
-                seq.generator.set_state(generator_state)
+            seq.generator = gen = torch.Generator(device=self._gen_device)  # draws on the logits' device
+            seed = params.seed if params.seed is not None else self.config.seed
+            if generator_state is None:
+                gen.manual_seed(seed)
             else:
-                seq.generator.manual_seed(params.seed if params.seed is not None else self.config.seed)
+                try:
+                    gen.set_state(generator_state)
+                except (RuntimeError, ValueError) as e:  # the state of another device type's generator
+                    log.warning("request %s: the prefill side's sampler state does not fit this %s generator "
+                                "(%s); reseeded, so its samples are not those one engine would draw", request_id,
+                                self.device.type, e)
+                    gen.manual_seed(seed)
         self.seqs[request_id] = seq
         self._arrival[request_id] = time.perf_counter()
         if block_ids is None:

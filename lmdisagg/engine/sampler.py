@@ -65,30 +65,39 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
         if constrained:  # structured outputs: their grammars' masks, last (-inf stays -inf)
             apply_masks(logits, constrained, [seqs[i].grammar for i in constrained],
                         [seqs[i].output_token_ids for i in constrained])
-    greedy = to_host(logits.argmax(dim=-1), pinned)
-    out = []
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.temperature == 0.0:
-            out.append(greedy[i])
-            continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-        if p.min_p > 0.0 or p.top_k > 0:
-            if p.min_p > 0.0:
-                probs = probs * (probs >= p.min_p * probs.max())  # keeps the top token
-            if 0 < p.top_k < probs.numel():
-                probs = probs * (probs >= probs.topk(p.top_k).values[-1])
-            probs = probs / probs.sum()
-        if p.top_p < 1.0:
-            sorted_p, idx = probs.sort(descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < p.top_p   # always keeps the top token
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-        gen = seq.generator
-        if gen is not None and gen.device != probs.device:
-            probs = probs.to(gen.device)
-        out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
-    return out
+    chosen = logits.argmax(dim=-1)
+    rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0.0]
+    if rows:
+        chosen[torch.tensor(rows, device=logits.device)] = _draw(logits, rows, seqs)
+    return to_host(chosen, pinned)  # one wait for the whole batch
+
+
+def _draw(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> torch.Tensor:
+    """One sampled token per row of ``rows``, on the logits' device, batched: temperature, then
+    min_p, top_k (renormalized), top_p, then the exponential race ``argmax(p / E)`` with E ~ Exp(1)
+    drawn from each sequence's own generator, which picks token t with probability p_t (as
+    ``multinomial`` would) without a host round trip per row."""
+    dev = logits.device
+    ps = [seqs[i].params for i in rows]
+    col = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev).view(-1, 1)  # noqa: E731
+    probs = torch.softmax(logits[torch.tensor(rows, device=dev)].float() / col([p.temperature for p in ps]), dim=-1)
+    if any(p.min_p > 0.0 for p in ps):  # keeps each row's top token
+        probs = probs * (probs >= col([p.min_p for p in ps]) * probs.amax(-1, keepdim=True))
+    ks = [p.top_k if 0 < p.top_k < probs.shape[-1] else 0 for p in ps]
+    if any(ks):
+        kth = probs.topk(max(ks), dim=-1).values.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev).view(-1, 1))
+        probs = probs * ((probs >= kth) | (col(ks) == 0))
+    if any(p.min_p > 0.0 for p in ps) or any(ks):
+        probs = probs / probs.sum(-1, keepdim=True)
+    if any(p.top_p < 1.0 for p in ps):
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p < col([p.top_p for p in ps])) | (col([p.top_p for p in ps]) >= 1.0)
+        probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p * keep)  # always keeps the top token
+    race = torch.empty_like(probs)
+    for j, i in enumerate(rows):
+        gen = seqs[i].generator
+        race[j].exponential_(generator=gen)  # the engine makes it on the logits' device
+    return (probs / race.clamp_(min=torch.finfo(race.dtype).tiny)).argmax(dim=-1)
 
 
 def process_logits(row: torch.Tensor, seq: Sequence) -> None:

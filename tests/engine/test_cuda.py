@@ -192,6 +192,17 @@ def test_logits_processing_on_the_gpu(cuda_engine):
         assert r.token_ids == greedy, extra
 
 
+def test_seeded_sampling_repeats_on_the_gpu(cuda_engine):
+    """Sampled rows are drawn on the GPU from each request's own generator: the same seed gives
+    the same tokens (the engine's device is "cuda", without an index), another seed others."""
+    prompt = random_ids(20, seed=41)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.0, top_p=0.95, seed=5)
+    a, b = (cuda_engine.generate(prompt, sp)[0].token_ids for _ in range(2))
+    c = cuda_engine.generate(prompt, SamplingParams(**{**sp.__dict__, "seed": 6}))[0].token_ids
+    batch = [r.token_ids for r in cuda_engine.generate([prompt, random_ids(30, seed=42), prompt], sp)]
+    assert a == b == batch[0] == batch[2] and a != c
+
+
 def test_structured_output_on_the_gpu(tmp_path_factory):
     """The grammar mask applied to CUDA logits (xgrammar's GPU kernel), in graph decode steps:
     a random-weight model with a byte-level tokenizer writes what the regex / choices allow."""

@@ -1,0 +1,67 @@
+"""The sampler's draws: batched on the logits' device (the exponential race), they must follow
+the distribution that temperature, min_p, top_k and top_p leave, computed here independently."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmdisagg.engine.request import SamplingParams, Sequence
+from lmdisagg.engine.sampler import _draw
+
+LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+
+
+def expected(params: SamplingParams) -> torch.Tensor:
+    p = torch.softmax(LOGITS / params.temperature, -1)
+    order = p.argsort(descending=True).tolist()
+    keep = set(order)
+    if params.min_p:
+        keep &= {t for t in order if p[t] >= params.min_p * p.max()}
+    if params.top_k:
+        keep &= set(order[:params.top_k])
+    q = torch.tensor([p[t] if t in keep else 0.0 for t in range(len(p))])
+    q = q / q.sum()
+    if params.top_p < 1.0:  # the smallest most-likely prefix whose mass reaches top_p
+        kept, mass = set(), 0.0
+        for t in sorted(range(len(q)), key=lambda t: -q[t]):
+            if mass >= params.top_p:
+                break
+            kept.add(t)
+            mass += float(q[t])
+        q = torch.tensor([q[t] if t in kept else 0.0 for t in range(len(q))])
+        q = q / q.sum()
+    return q
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.5),
+    SamplingParams(temperature=1.0, top_k=3),
+    SamplingParams(temperature=1.0, top_p=0.8),
+    SamplingParams(temperature=1.3, min_p=0.2),
+    SamplingParams(temperature=0.9, top_k=5, top_p=0.9, min_p=0.05),
+], ids=["t1", "t0.5", "top_k", "top_p", "min_p", "all"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_draws_follow_the_truncated_distribution(params, device):
+    n = 6000
+    gen = torch.Generator(device).manual_seed(1)
+    seqs = [Sequence("s", [1], params, generator=gen)] * n
+    # a batch that also holds rows of other requests (other settings) in between
+    other = Sequence("o", [1], SamplingParams(temperature=2.0, top_k=2), generator=torch.Generator(device).manual_seed(2))
+    logits = LOGITS.repeat(2 * n, 1).to(device)
+    rows = list(range(0, 2 * n, 2))
+    batch = [seqs[0] if i % 2 == 0 else other for i in range(2 * n)]
+    drawn = _draw(logits, rows + [1], batch)[:n]
+    freq = torch.bincount(drawn.cpu(), minlength=len(LOGITS)).float() / n
+    want = expected(params)
+    assert freq[want == 0].sum() == 0, "a token outside the kept set was drawn"
+    assert (freq - want).abs().max() < 0.025, (freq, want)
+
+
+def test_same_generator_state_same_draws():
+    params = SamplingParams(temperature=1.0)
+    a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    logits = LOGITS.repeat(64, 1)
+    x = _draw(logits, list(range(64)), [Sequence("a", [1], params, generator=a)] * 64)
+    y = _draw(logits, list(range(64)), [Sequence("b", [1], params, generator=b)] * 64)
+    assert torch.equal(x, y) and len(set(x.tolist())) > 2
