@@ -133,6 +133,8 @@ class Sequence:
     min_tokens_ban: tuple[int, ...] = ()  # tokens that may not come before params.min_tokens (EOS, stop ids)
     stop_from: int = 0                # stop strings are matched in text ending past this character
     grammar: object = None            # structured.GrammarState when params.structured is set
+    seen: torch.Tensor | None = None  # repetition_penalty: [vocab] mask of the tokens in token_ids[:num_seen]
+    num_seen: int = 0
 
     @property
     def wants_prompt_logprobs(self) -> bool:

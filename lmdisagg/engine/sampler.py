@@ -110,10 +110,14 @@ def process_logits(row: torch.Tensor, seq: Sequence) -> None:
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
         row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=row.dtype, device=dev))
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.token_ids)), device=dev)
-        v = row[seen]
-        row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    if p.repetition_penalty != 1.0:  # a mask of the context's tokens, kept on the device and extended
+        if seq.seen is None:
+            seq.seen = torch.zeros(row.numel(), dtype=torch.bool, device=dev)
+        if seq.num_seen < len(seq.token_ids):
+            seq.seen[torch.tensor(seq.token_ids[seq.num_seen:], device=dev)] = True
+            seq.num_seen = len(seq.token_ids)
+        row.copy_(torch.where(seq.seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                    row * p.repetition_penalty), row))
     out = seq.output_token_ids
     if out and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
         ids, counts = torch.tensor(out, device=dev).unique(return_counts=True)
