@@ -85,7 +85,8 @@ def _draw(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> torch.
         probs = probs * (probs >= col([p.min_p for p in ps]) * probs.amax(-1, keepdim=True))
     ks = [p.top_k if 0 < p.top_k < probs.shape[-1] else 0 for p in ps]
     if any(ks):
-        kth = probs.topk(max(ks), dim=-1).values.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev).view(-1, 1))
+        kth = probs.topk(max(ks), dim=-1).values  # each row's k-th largest (rows without top_k: kept whole)
+        kth = kth.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev).view(-1, 1))
         probs = probs * ((probs >= kth) | (col(ks) == 0))
     if any(p.min_p > 0.0 for p in ps) or any(ks):
         probs = probs / probs.sum(-1, keepdim=True)

@@ -237,11 +237,11 @@ class ToolPlan:
         if self.mode == "named":  # the text is the arguments object (cut short if finish is "length")
             return [tool_call(call_id(), self.name, text)], finish_reason
         try:
-            items = json.loads(text)
-        except ValueError:
+            calls = [tool_call(call_id(), it["name"], json.dumps(it["parameters"], ensure_ascii=False))
+                     for it in json.loads(text)]
+        except (ValueError, TypeError, KeyError):  # cut short (or, never expected, not the schema's shape)
             return None, finish_reason
-        return [tool_call(call_id(), it["name"], json.dumps(it["parameters"], ensure_ascii=False))
-                for it in items], ("tool_calls" if finish_reason == "stop" else finish_reason)
+        return calls, ("tool_calls" if finish_reason == "stop" else finish_reason)
 
 
 def tool_call(call_id: str, name: str, arguments: str) -> dict:

@@ -390,7 +390,6 @@ class OpenAIServer:
         await resp.write_eof()
         return resp
 
-
     @staticmethod
     async def _stream_tool(send, rid, model, created, plan, i: int, d, first: bool, calls_text: dict) -> None:
         """A named function's arguments stream as they are made (the first delta carries its id and
