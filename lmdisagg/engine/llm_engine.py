@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -112,6 +113,7 @@ class Engine(EngineBase):
         self._arrival: dict[str, float] = {}
         self._max_stop_len = 0
         self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     def _default_num_blocks(self) -> int:
         budget = self.config.kv_cache_bytes
@@ -208,12 +210,13 @@ class Engine(EngineBase):
 
     def grammars(self) -> Grammars:
         """Structured outputs' compiler for this model's vocabulary (made on first use)."""
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise InvalidRequestError(f"model {self.config.model!r} has no tokenizer, which structured "
-                                          f"outputs need", param="response_format")
-            self._grammars = Grammars(self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids)
-        return self._grammars
+        with self._grammars_lock:  # workers compile in a thread as well as on the engine's
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise InvalidRequestError(f"model {self.config.model!r} has no tokenizer, which structured "
+                                              f"outputs need", param="response_format")
+                self._grammars = Grammars(self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids)
+            return self._grammars
 
     def _sequence(self, request_id: str, prompt_token_ids, params: SamplingParams) -> Sequence:
         seq = Sequence(request_id, list(prompt_token_ids), params)

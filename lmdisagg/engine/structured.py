@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
 import torch
 
@@ -76,22 +75,23 @@ class Grammars:
         self.stop_token_ids = tuple(sorted(stop_token_ids))
         info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=list(self.stop_token_ids))
-        # the cache is bounded: a server sees a new schema per client, for as long as it runs
+        # the cache is bounded: a server sees a new schema per client, for as long as it runs. The
+        # compiler may be called from several threads at once (as vLLM's compile pool does), and
+        # releases the GIL while it compiles (a large schema takes seconds: workers and the router
+        # compile in a thread, so their event loops and engine steps go on)
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
-        self._lock = threading.Lock()  # engine thread and validating threads share the compiler
 
     def compile(self, structured: tuple[str, str]):
         kind, spec = structured
         try:
-            with self._lock:
-                if kind == "json":  # "": a JSON object, as OpenAI's json_object promises
-                    return self.compiler.compile_json_schema(spec or '{"type": "object"}')
-                if kind == "regex":
-                    return self.compiler.compile_regex(spec)
-                if kind == "choice":
-                    ebnf = "root ::= " + " | ".join(json.dumps(o) for o in json.loads(spec))
-                    return self.compiler.compile_grammar(ebnf)
-                return self.compiler.compile_grammar(spec)
+            if kind == "json":  # "": a JSON object, as OpenAI's json_object promises
+                return self.compiler.compile_json_schema(spec or '{"type": "object"}')
+            if kind == "regex":
+                return self.compiler.compile_regex(spec)
+            if kind == "choice":
+                ebnf = "root ::= " + " | ".join(json.dumps(o) for o in json.loads(spec))
+                return self.compiler.compile_grammar(ebnf)
+            return self.compiler.compile_grammar(spec)
         except RuntimeError as e:  # xgrammar's parse errors
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
             raise InvalidRequestError(f"invalid {kind} constraint: {msg}", param=PARAM[kind]) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
@@ -94,6 +95,7 @@ class Router:
         self._poller: asyncio.Task | None = None
         self.in_flight = 0
         self._grammars = None  # structured outputs' compiler: a bad constraint is a 400 here, not mid-stream
+        self._grammars_lock = threading.Lock()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,7 +180,9 @@ class Router:
             raise InvalidRequestError("this model has no tokenizer/chat template", param="messages")
         return self.tokenizer.apply_chat_template(messages, tools=tools)
 
-    def check(self, ids: list[int], params: SamplingParams) -> None:
+    def check(self, ids: list[int], params: SamplingParams, compile: bool = True) -> None:
+        """Refuse what no worker could run. ``compile``: also compile a structured-output
+        constraint here (the HTTP server does that in a thread: ``check_structured``)."""
         params.validate()
         if not ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
@@ -189,14 +193,23 @@ class Router:
         if n + params.max_tokens > self.max_model_len:
             raise ContextLengthError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                                      f"of {self.max_model_len} tokens", param="max_tokens")
-        if params.structured is not None:
+        if compile and params.structured is not None:
+            self._compile(params.structured)
+
+    async def check_structured(self, structured) -> None:
+        """Compile a constraint off the event loop (a large schema takes seconds; xgrammar releases
+        the GIL): a bad one is a 400 before any worker sees the request."""
+        await asyncio.to_thread(self._compile, structured)
+
+    def _compile(self, structured) -> None:
+        with self._grammars_lock:
             if self._grammars is None:
                 if self.tokenizer is None:
                     raise InvalidRequestError("this model has no tokenizer, which structured outputs need",
                                               param="response_format")
                 from lmdisagg.engine.structured import Grammars
                 self._grammars = Grammars(self.tokenizer.hf, self.tokenizer.vocab_size, self.tokenizer.eos_token_ids)
-            self._grammars.compile(params.structured)  # xgrammar caches it (ms for a schema)
+        self._grammars.compile(structured)  # cached by xgrammar
 
     # --- one choice ---------------------------------------------------------------------------
     def _loads(self, refs: list[WorkerRef]) -> list[WorkerLoad]:

@@ -176,7 +176,7 @@ class OpenAIServer:
                     top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=body.stop_list(),
                     stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
                     logprobs=logprobs, prompt_logprobs=prompt_logprobs, structured=structured, **processing)
-                r.check(ids, params)
+                r.check(ids, params, compile=False)  # compiled once, in a thread, by _generate
                 out.append((pi * body.n + i, GenerateRequest(f"{base}-{pi}-{i}", ids, params)))
         return out
 
@@ -188,6 +188,8 @@ class OpenAIServer:
             body = await self._parse(request, chat)
             plan = body.tool_plan() if chat else None
             reqs = self._requests(body, chat, plan)
+            if reqs[0][1].params.structured is not None:
+                await r.check_structured(reqs[0][1].params.structured)
             if r.in_flight + len(reqs) > r.config.router.max_queued_requests:
                 raise OverloadedError(f"{r.in_flight} requests in flight; try again later")
         except _Unprocessable as e:

@@ -215,11 +215,22 @@ class Worker:
             self.kv.close()
 
     # --- colocated ------------------------------------------------------------------------------
+    async def _compile(self, req: GenerateRequest) -> None:
+        """A structured request's grammar, compiled in a thread before the engine sees it (a large
+        schema takes seconds; xgrammar releases the GIL), so that the engine's own check finds it
+        in the cache instead of holding up every request's steps. Errors are left to that check."""
+        if req.params.structured is not None:
+            try:
+                await asyncio.to_thread(self.engine.grammars().compile, req.params.structured)
+            except LmdisaggError:
+                pass
+
     async def generate(self, req: GenerateRequest):
         """Stream a whole request: TokenDelta per step until finished."""
         self.counters["requests"] += 1
         q = self.loop.open_stream(req.request_id)
         try:
+            await self._compile(req)
             await self.loop.call(lambda e: self._add(e, req))
             async for delta in self._drain(q, req.request_id, self.timeouts["first_token_s"]):
                 yield delta
@@ -262,6 +273,7 @@ class PrefillWorker(Worker):
         self.counters["requests"] += 1
         q = self.loop.open_stream(req.request_id)
         try:
+            await self._compile(req)
             await self.loop.call(lambda e: self._add(e, req, prefill_only=True))
             try:
                 out = await asyncio.wait_for(q.get(), self.timeouts["first_token_s"])
@@ -314,6 +326,7 @@ class DecodeWorker(Worker):
         rid = req.request_id
         q = self.loop.open_stream(rid)
         try:
+            await self._compile(req)
             if not await self._pull(req, handle):  # fall back: compute the prompt's KV here
                 self.counters["recomputed_prompts"] += 1
                 await self.loop.call(lambda e: e.add_prefilled_request(
