@@ -315,6 +315,21 @@ class ChatCompletionRequest(_Common):
         return out
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: ``prompt`` text, or chat ``messages`` (rendered with the chat template)."""
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int]
+
+
 def usage(prompt: int, completion: int, cached: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}

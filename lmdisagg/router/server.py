@@ -49,6 +49,9 @@ class OpenAIServer:
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model}", self.model),
+            web.post("/tokenize", self.tokenize),      # vLLM's token counting endpoints
+            web.post("/detokenize", self.detokenize),
             web.get("/health", self.health),
             web.get("/metrics", self.metrics),
             web.get("/stats", self.stats),
@@ -59,9 +62,9 @@ class OpenAIServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        """With an API key, /v1/* and /debug/* need 'Authorization: Bearer <key>' (as vLLM's
+        """With an API key, /v1/*, /debug/* and /(de)tokenize need 'Authorization: Bearer <key>' (as vLLM's
         --api-key); /health, /metrics and /stats stay open to probes and scrapers."""
-        if self.api_key and request.path.startswith(("/v1/", "/debug/")):
+        if self.api_key and request.path.startswith(("/v1/", "/debug/", "/tokenize", "/detokenize")):
             sent = request.headers.get("Authorization", "")
             if not hmac.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
                 return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
@@ -69,11 +72,64 @@ class OpenAIServer:
         return await handler(request)
 
     # --- small endpoints ------------------------------------------------------------------------
-    async def models(self, request: web.Request) -> web.Response:
+    def _model_card(self) -> dict:
         r = self.router
-        return web.json_response({"object": "list", "data": [{
-            "id": r.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmdisagg",
-            "max_model_len": r.max_model_len}]})
+        return {"id": r.model_name, "object": "model", "created": int(time.time()), "owned_by": "lmdisagg",
+                "max_model_len": r.max_model_len}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.router.model_name:
+            return error_response(404, f"model {name!r} is not served here; try {self.router.model_name!r}",
+                                  "not_found_error", "model")
+        return web.json_response(self._model_card())
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: a prompt, or chat messages through the chat template (as
+        /v1/chat/completions would send them) -> their token ids and count."""
+        r = self.router
+        try:
+            body = await self._parse_model(request, P.TokenizeRequest)
+            if body.messages is not None:
+                chat = P.ChatCompletionRequest(model=r.model_name, messages=body.messages)
+                ids = r.encode_chat(chat.template_messages())
+            elif body.prompt is not None:
+                if r.tokenizer is None:
+                    raise InvalidRequestError("this model has no tokenizer", param="prompt")
+                ids = list(r.tokenizer.hf(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+            else:
+                raise InvalidRequestError("send a prompt or messages", param="prompt")
+        except _Unprocessable as e:
+            return error_response(422, e.args[0], "invalid_request_error", e.param)
+        except LmdisaggError as e:
+            return from_exc(e)
+        return web.json_response({"count": len(ids), "max_model_len": r.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        r = self.router
+        try:
+            body = await self._parse_model(request, P.DetokenizeRequest)
+            if r.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer", param="tokens")
+            if any(t < 0 or t >= r.tokenizer.vocab_size for t in body.tokens):
+                raise InvalidRequestError(f"token ids must be in [0, {r.tokenizer.vocab_size})", param="tokens")
+            text = r.tokenizer.hf.decode(body.tokens)  # special tokens included: /tokenize's inverse
+        except _Unprocessable as e:
+            return error_response(422, e.args[0], "invalid_request_error", e.param)
+        except LmdisaggError as e:
+            return from_exc(e)
+        return web.json_response({"prompt": text})
+
+    async def _parse_model(self, request: web.Request, model):
+        """The body as ``model``; its ``model`` field, when sent, must be the served one."""
+        body = await self._parse_as(request, model)
+        if body.model is not None and body.model != self.router.model_name:
+            raise ModelNotFoundError(f"model {body.model!r} is not served here; try {self.router.model_name!r}",
+                                     param="model")
+        return body
 
     async def health(self, request: web.Request) -> web.Response:
         r = self.router
@@ -127,6 +183,10 @@ class OpenAIServer:
         return await self._generate(request, chat=True)
 
     async def _parse(self, request: web.Request, chat: bool):
+        return await self._parse_as(request, P.ChatCompletionRequest if chat else P.CompletionRequest)
+
+    async def _parse_as(self, request: web.Request, model):
+        """The JSON body as the pydantic ``model``: 400 for bad JSON, 413 too large, 422 wrong shape."""
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -137,7 +197,6 @@ class OpenAIServer:
             raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise InvalidRequestError("request body must be a JSON object")
-        model = P.ChatCompletionRequest if chat else P.CompletionRequest
         try:
             return model.model_validate(data)
         except ValidationError as e:

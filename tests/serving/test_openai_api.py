@@ -248,6 +248,30 @@ def test_tool_calls_equal_engine(served, engine):
         c.chat.completions.create(model=MODEL, messages=msgs, tool_choice="required", max_tokens=5)
 
 
+def test_tokenize_detokenize_and_model_retrieve(served, engine):
+    """vLLM's /tokenize and /detokenize count tokens as the server does (a prompt as the engine
+    encodes it, chat messages as the chat endpoint renders them: the same count as its usage);
+    the openai client's models.retrieve gets the model card, or NotFoundError."""
+    c = served.client()
+    r = httpx.post(served.base + "/tokenize", json={"model": MODEL, "prompt": "Hello there, world"}, timeout=30)
+    assert r.status_code == 200 and r.json()["tokens"] == engine.encode("Hello there, world")
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    r = httpx.post(served.base + "/tokenize", json={"messages": msgs}, timeout=30).json()
+    assert r["tokens"] == engine.encode_chat(msgs) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] > 0
+    assert c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1).usage.prompt_tokens == r["count"]
+    back = httpx.post(served.base + "/detokenize", json={"model": MODEL, "tokens": r["tokens"]}, timeout=30).json()
+    assert back["prompt"] == engine.tokenizer.hf.decode(r["tokens"]) and "What is 2+2?" in back["prompt"]
+    assert c.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-9")
+    for path, body, status in [("/tokenize", {"model": "gpt-9", "prompt": "hi"}, 404), ("/tokenize", {}, 400),
+                               ("/detokenize", {"tokens": [-1]}, 400), ("/detokenize", {"tokens": "abc"}, 422),
+                               ("/tokenize", {"messages": "hi"}, 422)]:
+        r = httpx.post(served.base + path, json=body, timeout=30)
+        assert r.status_code == status and r.json()["error"]["message"], (path, body, r.text)
+
+
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_logprobs_equal_engine(served, engine, chat):
     """logprobs through the disaggregated path (the first token's computed by the prefill worker,
