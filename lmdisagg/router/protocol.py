@@ -315,6 +315,101 @@ class ChatCompletionRequest(_Common):
         return out
 
 
+class ResponsesRequest(BaseModel):
+    """OpenAI's Responses API (``client.responses.create``), stateless: ``input`` text or message
+    items (text parts), ``instructions``, ``max_output_tokens``, ``temperature``, ``top_p``,
+    ``text.format`` (structured outputs), ``stream``. Nothing is stored, so ``previous_response_id``
+    and ``background`` are refused; tools are refused (as are non-text inputs)."""
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: Union[str, list[dict]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    text: dict | None = None
+    tools: list | None = None
+    tool_choice: Union[str, dict, None] = None
+    previous_response_id: str | None = None
+    background: bool | None = None
+    reasoning: dict | None = None
+    store: bool | None = None       # accepted: nothing is stored either way
+    metadata: dict | None = None
+    user: str | None = None
+
+    def check_supported(self) -> None:
+        if self.previous_response_id:
+            raise InvalidRequestError("this server stores no responses: send the whole conversation as input",
+                                      param="previous_response_id")
+        if self.background:
+            raise InvalidRequestError("background responses are not supported", param="background")
+        if self.tools:
+            raise InvalidRequestError("tools are not supported on /v1/responses; use /v1/chat/completions",
+                                      param="tools")
+        if self.reasoning and self.reasoning.get("effort") is not None:
+            raise InvalidRequestError("reasoning is not supported by this model", param="reasoning")
+
+    def messages(self) -> list[dict]:
+        """The chat messages: instructions as the system message, then the input."""
+        out = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return out + [{"role": "user", "content": self.input}]
+        for item in self.input:
+            if item.get("type", "message") != "message" or item.get("role") not in (
+                    "user", "assistant", "system", "developer"):
+                raise InvalidRequestError(f"input items must be messages (role user, assistant, system or "
+                                          f"developer), got {item.get('type', 'message')!r}", param="input")
+            content = item.get("content")
+            if isinstance(content, list):
+                if any(not isinstance(c, dict) or c.get("type") not in ("input_text", "output_text")
+                       or not isinstance(c.get("text"), str) for c in content):
+                    raise InvalidRequestError("only text content (input_text, output_text) is supported",
+                                              param="input")
+                content = "".join(c["text"] for c in content)
+            if not isinstance(content, str):
+                raise InvalidRequestError("a message's content must be text or a list of text parts", param="input")
+            out.append({"role": "system" if item["role"] == "developer" else item["role"], "content": content})
+        if not out:
+            raise InvalidRequestError("input is empty", param="input")
+        return out
+
+    def structured(self) -> tuple[str, object] | None:
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return "json", ""
+        if kind == "json_schema" and isinstance(fmt.get("schema") or {}, dict):
+            return "json", fmt.get("schema") or ""
+        raise InvalidRequestError("text.format must be text, json_object or json_schema with a schema object",
+                                  param="text")
+
+
+def response_object(rid: str, msg_id: str, model: str, body: ResponsesRequest, created: int, text: str,
+                    finish_reason: str | None, use: dict | None) -> dict:
+    """A Responses API ``response``: in progress (``use`` None), completed, or incomplete (cut by
+    max_output_tokens)."""
+    done = use is not None
+    status = "in_progress" if not done else ("incomplete" if finish_reason == "length" else "completed")
+    output = [] if not done else [{
+        "type": "message", "id": msg_id, "status": "completed" if status == "completed" else "incomplete",
+        "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]
+    return {
+        "id": rid, "object": "response", "created_at": created, "status": status, "model": model, "output": output,
+        "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+        "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": False, "tool_choice": "none",
+        "tools": [], "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
+        "previous_response_id": None, "reasoning": None, "store": False, "metadata": body.metadata or {},
+        "usage": None if not done else {
+            "input_tokens": use["prompt_tokens"], "output_tokens": use["completion_tokens"],
+            "total_tokens": use["total_tokens"],
+            "input_tokens_details": {"cached_tokens": use["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens_details": {"reasoning_tokens": 0}}}
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: ``prompt`` text, or chat ``messages`` (rendered with the chat template)."""
     model_config = ConfigDict(extra="allow")

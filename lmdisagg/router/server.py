@@ -48,6 +48,7 @@ class OpenAIServer:
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/responses", self.responses),
             web.get("/v1/models", self.models),
             web.get("/v1/models/{model}", self.model),
             web.post("/tokenize", self.tokenize),      # vLLM's token counting endpoints
@@ -315,6 +316,103 @@ class OpenAIServer:
         m.prompt_tokens.inc(usage["prompt_tokens"])
         m.generation_tokens.inc(usage["completion_tokens"])
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API over the same path as chat: one message item out."""
+        r = self.router
+        arrival = time.perf_counter()
+        endpoint = "responses"
+        try:
+            body = await self._parse_model(request, P.ResponsesRequest)
+            body.check_supported()
+            ids = r.encode_chat(body.messages())
+            structured = body.structured()
+            mt = body.max_output_tokens if body.max_output_tokens is not None else max(1, r.max_model_len - len(ids))
+            params = SamplingParams(max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
+                                    top_p=1.0 if body.top_p is None else body.top_p, structured=structured)
+            r.check(ids, params, compile=False)
+            if structured is not None:
+                await r.check_structured(structured)
+            if r.in_flight + 1 > r.config.router.max_queued_requests:
+                raise OverloadedError(f"{r.in_flight} requests in flight; try again later")
+        except _Unprocessable as e:
+            r.metrics.requests.labels(endpoint, "422").inc()
+            return error_response(422, e.args[0], "invalid_request_error", e.param)
+        except LmdisaggError as e:
+            r.metrics.requests.labels(endpoint, str(e.status)).inc()
+            return from_exc(e)
+        base = uuid.uuid4().hex
+        reqs = [(0, GenerateRequest(f"{base}-0-0", ids, params))]
+        rid, msg_id, created = f"resp_{base}", f"msg_{base}", int(time.time())
+        r.in_flight += 1
+        r.metrics.in_flight.set(r.in_flight)
+        try:
+            if body.stream:
+                return await self._responses_stream(request, rid, msg_id, created, body, reqs, arrival, endpoint)
+            text, finish, last = "", None, {}
+            try:
+                async for _, d in self._run_choices(reqs, arrival):
+                    text += d.text
+                    finish = d.finish_reason if d.finished else finish
+                    last[0] = d
+            except LmdisaggError as e:
+                r.metrics.requests.labels(endpoint, str(e.status)).inc()
+                return from_exc(e)
+            use = self._usage(reqs, last)
+            self._record(use, arrival)
+            r.metrics.requests.labels(endpoint, "200").inc()
+            return web.json_response(P.response_object(rid, msg_id, r.model_name, body, created, text, finish, use))
+        finally:
+            r.in_flight -= 1
+            r.metrics.in_flight.set(r.in_flight)
+
+    async def _responses_stream(self, request, rid, msg_id, created, body, reqs, arrival, endpoint):
+        """The Responses API's typed events: created, in_progress, output_item.added,
+        content_part.added, output_text.delta ..., output_text.done, content_part.done,
+        output_item.done, then completed (or incomplete); an error event if the request fails."""
+        r = self.router
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        seq = iter(range(1 << 62))
+
+        async def event(kind: str, **fields) -> None:
+            data = {"type": kind, "sequence_number": next(seq), **fields}
+            await resp.write(f"event: {kind}\ndata: ".encode() + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
+
+        where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+        text, finish, last = "", None, {}
+        try:
+            pending = P.response_object(rid, msg_id, r.model_name, body, created, "", None, None)
+            await event("response.created", response=pending)
+            await event("response.in_progress", response=pending)
+            await event("response.output_item.added", output_index=0, item={
+                "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
+            await event("response.content_part.added", **where,
+                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            async for _, d in self._run_choices(reqs, arrival):
+                last[0] = d
+                finish = d.finish_reason if d.finished else finish
+                if d.text:
+                    text += d.text
+                    await event("response.output_text.delta", **where, delta=d.text, logprobs=[])
+            use = self._usage(reqs, last)
+            final = P.response_object(rid, msg_id, r.model_name, body, created, text, finish, use)
+            part = final["output"][0]["content"][0]
+            await event("response.output_text.done", **where, text=text, logprobs=[])
+            await event("response.content_part.done", **where, part=part)
+            await event("response.output_item.done", output_index=0, item=final["output"][0])
+            await event("response.completed" if final["status"] == "completed" else "response.incomplete",
+                        response=final)
+            self._record(use, arrival)
+            r.metrics.requests.labels(endpoint, "200").inc()
+        except LmdisaggError as e:
+            r.metrics.requests.labels(endpoint, str(e.status)).inc()
+            await event("error", code=e.type, message=e.message, param=e.param)
+        except (ConnectionResetError, asyncio.CancelledError):
+            r.metrics.requests.labels(endpoint, "499").inc()
+            raise
+        await resp.write_eof()
+        return resp
 
     async def _complete(self, rid, reqs, chat, arrival, endpoint, return_ids: bool = False,
                         echo: dict | None = None, plan=None) -> web.Response:

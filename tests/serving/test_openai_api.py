@@ -248,6 +248,60 @@ def test_tool_calls_equal_engine(served, engine):
         c.chat.completions.create(model=MODEL, messages=msgs, tool_choice="required", max_tokens=5)
 
 
+def test_responses_api_equals_engine(served, engine):
+    """OpenAI's Responses API through the official client (client.responses.create / parse),
+    served disaggregated: the text is one engine's for the same chat messages, streamed as the
+    typed events in order, with usage, incomplete when max_output_tokens cuts it, structured with
+    text.format; what a stateless server cannot do is refused with 400."""
+    import pydantic
+    from typing import Literal
+
+    from tests.engine.test_structured import ASK, PERSON
+    c = served.client()
+    want = ref(engine, "What is 2+2?", 40, chat=True)
+    r = c.responses.create(model=MODEL, input="What is 2+2?", max_output_tokens=40, temperature=0)
+    assert r.output_text == want.text and r.status == "completed" and r.id.startswith("resp_")
+    assert r.usage.input_tokens == want.prompt_tokens and r.usage.output_tokens == len(want.token_ids)
+    msgs = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Name a colour."}]
+    want = engine.generate([msgs], SamplingParams(max_tokens=30), chat=True)[0]
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Name a "}, {"type": "input_text",
+                                                                                      "text": "colour."}]}]
+    r = c.responses.create(model=MODEL, instructions="Answer in French.", input=items, max_output_tokens=30,
+                           temperature=0)
+    assert r.output_text == want.text
+    # streamed: the typed events, in order; the deltas add up to the text
+    events = list(c.responses.create(model=MODEL, instructions="Answer in French.", input=items,
+                                     max_output_tokens=30, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want.text
+    assert events[-1].response.output_text == want.text and [e.sequence_number for e in events] == list(range(len(events)))
+    # cut by max_output_tokens
+    r = c.responses.create(model=MODEL, input="Tell me a long story.", max_output_tokens=5, temperature=0)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 5
+    # structured: text.format through the client's parse helper
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+        city: Literal["Paris", "Rome", "Oslo"]
+    r = c.responses.parse(model=MODEL, input=ASK[0]["content"], text_format=Person, max_output_tokens=80,
+                          temperature=0)
+    assert isinstance(r.output_parsed, Person)
+    r = c.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=80, temperature=0,
+                           text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}})
+    assert r.output_text == ref(engine, ASK[0]["content"], 80, chat=True, structured=("json", PERSON)).text
+    for bad in ({"previous_response_id": "resp_x"}, {"background": True},
+                {"tools": [{"type": "web_search"}]}, {"input": [{"type": "function_call_output"}]},
+                {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}):
+        with pytest.raises(openai.BadRequestError):
+            c.responses.create(**{"model": MODEL, "input": "hi", "max_output_tokens": 4, **bad})
+
+
 def test_tokenize_detokenize_and_model_retrieve(served, engine):
     """vLLM's /tokenize and /detokenize count tokens as the server does (a prompt as the engine
     encodes it, chat messages as the chat endpoint renders them: the same count as its usage);
