@@ -248,16 +248,9 @@ class OpenAIServer:
             body = await self._parse(request, chat)
             plan = body.tool_plan() if chat else None
             reqs = self._requests(body, chat, plan)
-            if reqs[0][1].params.structured is not None:
-                await r.check_structured(reqs[0][1].params.structured)
-            if r.in_flight + len(reqs) > r.config.router.max_queued_requests:
-                raise OverloadedError(f"{r.in_flight} requests in flight; try again later")
-        except _Unprocessable as e:
-            r.metrics.requests.labels(endpoint, "422").inc()
-            return error_response(422, e.args[0], "invalid_request_error", e.param)
-        except LmdisaggError as e:
-            r.metrics.requests.labels(endpoint, str(e.status)).inc()
-            return from_exc(e)
+            await self._admit(reqs)
+        except (_Unprocessable, LmdisaggError) as e:
+            return self._refuse(e, endpoint)
         # completions' echo: each choice's text starts with its prompt
         echo = {}
         if not chat and body.echo:  # the prompt as sent (token ids: their text)
@@ -276,6 +269,24 @@ class OpenAIServer:
         finally:
             r.in_flight -= len(reqs)
             r.metrics.in_flight.set(r.in_flight)
+
+    async def _admit(self, reqs) -> None:
+        """Before any worker sees the request: its structured-output constraint compiles (in a
+        thread), and the router has room for its choices; else the typed error."""
+        r = self.router
+        structured = reqs[0][1].params.structured
+        if structured is not None:
+            await r.check_structured(structured)
+        if r.in_flight + len(reqs) > r.config.router.max_queued_requests:
+            raise OverloadedError(f"{r.in_flight} requests in flight; try again later")
+
+    def _refuse(self, e: Exception, endpoint: str) -> web.Response:
+        """The OpenAI error for a request refused before it ran (counted in the metrics)."""
+        if isinstance(e, _Unprocessable):
+            self.router.metrics.requests.labels(endpoint, "422").inc()
+            return error_response(422, e.args[0], "invalid_request_error", e.param)
+        self.router.metrics.requests.labels(endpoint, str(e.status)).inc()
+        return from_exc(e)
 
     async def _run_choices(self, reqs, arrival: float):
         """Merge the deltas of every choice: yields (index, delta)."""
@@ -331,18 +342,11 @@ class OpenAIServer:
             params = SamplingParams(max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
                                     top_p=1.0 if body.top_p is None else body.top_p, structured=structured)
             r.check(ids, params, compile=False)
-            if structured is not None:
-                await r.check_structured(structured)
-            if r.in_flight + 1 > r.config.router.max_queued_requests:
-                raise OverloadedError(f"{r.in_flight} requests in flight; try again later")
-        except _Unprocessable as e:
-            r.metrics.requests.labels(endpoint, "422").inc()
-            return error_response(422, e.args[0], "invalid_request_error", e.param)
-        except LmdisaggError as e:
-            r.metrics.requests.labels(endpoint, str(e.status)).inc()
-            return from_exc(e)
-        base = uuid.uuid4().hex
-        reqs = [(0, GenerateRequest(f"{base}-0-0", ids, params))]
+            base = uuid.uuid4().hex
+            reqs = [(0, GenerateRequest(f"{base}-0-0", ids, params))]
+            await self._admit(reqs)
+        except (_Unprocessable, LmdisaggError) as e:
+            return self._refuse(e, endpoint)
         rid, msg_id, created = f"resp_{base}", f"msg_{base}", int(time.time())
         r.in_flight += 1
         r.metrics.in_flight.set(r.in_flight)
