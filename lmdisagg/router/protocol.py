@@ -278,7 +278,8 @@ class ChatCompletionRequest(_Common):
             raise InvalidRequestError("logprobs are not returned with tool calls", param="logprobs")
         if choice == "required":
             return ToolPlan("required", self.tools, None, self.parallel_tool_calls is not False)
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise InvalidRequestError(f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
                                       f"\"function\": {{\"name\": one of {names}}}}}", param="tool_choice")
@@ -308,7 +309,11 @@ class ChatCompletionRequest(_Common):
             msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             extra = m.model_extra or {}
             if m.role == "assistant" and extra.get("tool_calls"):
-                msg["tool_calls"] = extra["tool_calls"]
+                calls = extra["tool_calls"]
+                if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                    raise InvalidRequestError("an assistant message's tool_calls must be a list of objects",
+                                              param="messages")
+                msg["tool_calls"] = calls
             if m.role == "tool" and extra.get("tool_call_id"):
                 msg["tool_call_id"] = extra["tool_call_id"]
             out.append(msg)
@@ -376,6 +381,8 @@ class ResponsesRequest(BaseModel):
 
     def structured(self) -> tuple[str, object] | None:
         fmt = (self.text or {}).get("format") or {"type": "text"}
+        if not isinstance(fmt, dict):
+            raise InvalidRequestError("text.format must be an object", param="text")
         kind = fmt.get("type")
         if kind == "text":
             return None

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from lmdisagg.engine import SamplingParams
+from lmdisagg.errors import InvalidRequestError
 from tests.serving.conftest import ROOT, wait_until
 
 
@@ -54,6 +55,14 @@ def test_python_pipeline(local_ray, engine, mode):
         assert [v for v, _ in lp.logprobs] == pytest.approx([v for v, _ in want.logprobs], abs=1e-4)
         chat = pipe.generate("What is 2+2?", chat=True, max_tokens=30)
         assert chat.text == engine.generate("What is 2+2?", SamplingParams(max_tokens=30), chat=True)[0].text
+        # structured outputs through the Python API: a schema as a dict, the same tokens as one engine;
+        # a constraint that does not compile is refused before any worker runs it
+        from tests.engine.test_structured import ASK, PERSON
+        want = engine.generate([ASK], SamplingParams(max_tokens=60, structured=("json", PERSON)), chat=True)[0]
+        got = pipe.generate(ASK, chat=True, max_tokens=60, structured=("json", PERSON))
+        assert got.token_ids == want.token_ids and json.loads(got.text).keys() == PERSON["properties"].keys()
+        with pytest.raises(InvalidRequestError, match="regex"):
+            pipe.generate("hi", max_tokens=4, structured=("regex", "(unclosed"))
         # the router's URL is the same path, over HTTP
         r = OpenAI(base_url=pipe.url, api_key="x").completions.create(
             model="smollm2-135m", prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
