@@ -84,6 +84,18 @@ class RouterSettings(_Strict):
     api_key: str | None = Field(None, description="clients must send 'Authorization: Bearer <key>' to /v1/* and "
                                 "/debug/* (401 otherwise); unset: the LMDISAGG_API_KEY environment variable, "
                                 "else no check")
+    tool_call_parser: str | None = Field(None, description="how tool_choice 'auto' reads calls back out of the "
+                                         "model's text: hermes | llama3_json | mistral (vLLM's --tool-call-parser); "
+                                         "unset: the one the chat template's own call format names, else 'auto' is "
+                                         "refused (400)")
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, v: str | None) -> str | None:
+        from lmdisagg.router.tool_parsers import PARSERS
+        if v is not None and v not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {v!r}; choose one of {sorted(PARSERS)}")
+        return v
 
     @field_validator("policy")
     @classmethod

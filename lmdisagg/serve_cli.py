@@ -22,6 +22,8 @@ def register(sub) -> None:
     s.add_argument("--model", default=None, help="override model")
     s.add_argument("--api-key", default=None, help="override router.api_key (prefer LMDISAGG_API_KEY: arguments "
                                                    "are visible to every user of the machine)")
+    s.add_argument("--tool-call-parser", default=None, help="override router.tool_call_parser (hermes, llama3_json, "
+                                                            "mistral): tool_choice 'auto' reads calls in this format")
     s.set_defaults(func=run)
 
 
@@ -30,7 +32,8 @@ def run(args) -> int:
     from lmdisagg.pipeline import Pipeline
     cfg = ClusterConfig.from_yaml(args.config)
     router = {k: v for k, v in {"port": args.port, "host": args.host, "policy": args.policy,
-                                "api_key": args.api_key}.items() if v is not None}
+                                "api_key": args.api_key, "tool_call_parser": args.tool_call_parser}.items()
+              if v is not None}
     cfg = cfg.with_overrides(**({"router": router} if router else {}), **({"model": args.model} if args.model else {}))
     pipe = Pipeline.from_config(cfg)
     stop = asyncio.Event()

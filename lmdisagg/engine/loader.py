@@ -90,15 +90,17 @@ class Tokenizer:
             self._token_text.update(zip(new, self.hf.batch_decode([[i] for i in new], skip_special_tokens=False)))
         return [self._token_text[i] for i in ids]
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            render_calls=None) -> list[int]:
         """``tools`` (OpenAI's function definitions) go to templates that show them to the model.
-        An assistant turn's ``tool_calls`` are written into its content as JSON for a template
-        that does not render them (else the conversation would lose them)."""
+        An assistant turn's ``tool_calls`` are written into its content for a template that does
+        not render them (else the conversation would lose them): by ``render_calls`` (a list of
+        (name, arguments dict) → text, the model's own call format) if given, else as JSON."""
         template = self.hf.chat_template
         if not template:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         if "tool_calls" not in template:
-            messages = [_calls_as_text(m) for m in messages]
+            messages = [_calls_as_text(m, render_calls) for m in messages]
         try:
             text = self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 - a template's own error (jinja raise_exception, a missing key)
@@ -106,7 +108,7 @@ class Tokenizer:
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
 
-def _calls_as_text(m: dict) -> dict:
+def _calls_as_text(m: dict, render=None) -> dict:
     calls = m.get("tool_calls")
     if not calls:
         return m
@@ -118,6 +120,6 @@ def _calls_as_text(m: dict) -> dict:
             args = json.loads(args) if isinstance(args, str) else args
         except ValueError:
             pass
-        shown.append({"name": f.get("name"), "arguments": args})
-    text = json.dumps(shown, ensure_ascii=False)
+        shown.append((f.get("name"), args))
+    text = render(shown) if render else json.dumps([{"name": n, "arguments": a} for n, a in shown], ensure_ascii=False)
     return {k: v for k, v in m.items() if k != "tool_calls"} | {"content": (m.get("content") or "") + text}

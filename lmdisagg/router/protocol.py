@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models (what real clients send) and response builders.
 
-Fields we cannot honour (``best_of`` > n, tool_choice "auto" and the others in ``_NEUTRAL``)
-are rejected with 400 rather than silently dropped. ``echo`` with ``logprobs`` (completions) gives
-the prompt's tokens logprobs too.
+Fields we cannot honour (``best_of`` > n, tool_choice "auto" without a tool-call parser, and the
+others in ``_NEUTRAL``) are rejected with 400 rather than silently dropped. ``echo`` with
+``logprobs`` (completions) gives the prompt's tokens logprobs too.
 """
 from __future__ import annotations
 
@@ -215,13 +215,16 @@ class Tool(BaseModel):
 
 class ToolPlan:
     """How a chat request's tools are answered: ``named`` (tool_choice names a function: its
-    arguments, constrained to its parameters' schema) or ``required`` (a JSON array of one or
-    more {"name", "parameters"} calls, constrained to the tools' schemas, as vLLM does)."""
+    arguments, constrained to its parameters' schema), ``required`` (a JSON array of one or
+    more {"name", "parameters"} calls, constrained to the tools' schemas, as vLLM does) or
+    ``auto`` (the model answers or calls in its own format, which ``parser`` reads back)."""
 
-    def __init__(self, mode: str, tools: list[Tool], name: str | None, parallel: bool):
-        self.mode, self.tools, self.name = mode, tools, name
+    def __init__(self, mode: str, tools: list[Tool], name: str | None, parallel: bool, parser=None):
+        self.mode, self.tools, self.name, self.parallel, self.parser = mode, tools, name, parallel, parser
         params = {t.function.name: t.function.parameters or {"type": "object", "properties": {}} for t in tools}
-        if mode == "named":
+        if mode == "auto":
+            self.structured = None
+        elif mode == "named":
             self.structured = ("json", params[name])
         else:
             call = [{"type": "object", "properties": {"name": {"type": "string", "enum": [n]}, "parameters": p},
@@ -231,9 +234,29 @@ class ToolPlan:
                 schema["maxItems"] = 1
             self.structured = ("json", schema)
 
+    def stream(self):
+        """auto: a choice's ToolStream (content as it comes, the calls at the end)."""
+        from lmdisagg.router.tool_parsers import ToolStream
+        return ToolStream(self.parser, self.parallel)
+
+    def answer(self, text: str, finish_reason: str | None, call_id) -> tuple[str | None, list[dict] | None, str | None]:
+        """(content, tool_calls, finish_reason) for a choice's whole generated text."""
+        if self.mode == "auto":
+            ts = self.stream()
+            content = ts.feed(text)
+            rest, calls = ts.finish()
+            content += rest
+            return content or None, self.wrap(calls, call_id), tool_finish(calls, finish_reason)
+        calls, reason = self.calls(text, finish_reason, call_id)
+        return (None if calls else text), calls, reason
+
+    @staticmethod
+    def wrap(calls: list[tuple[str, str]], call_id) -> list[dict] | None:
+        return [tool_call(call_id(), n, a) for n, a in calls] or None
+
     def calls(self, text: str, finish_reason: str | None, call_id) -> tuple[list[dict] | None, str | None]:
-        """(tool_calls, finish_reason) for a choice's generated text; (None, reason) when the text
-        is not a complete call list (``max_tokens`` cut it: it is returned as content)."""
+        """Forced calls: (tool_calls, finish_reason) for a choice's generated text; (None, reason)
+        when the text is not a complete call list (``max_tokens`` cut it: it is returned as content)."""
         if self.mode == "named":  # the text is the arguments object (cut short if finish is "length")
             return [tool_call(call_id(), self.name, text)], finish_reason
         try:
@@ -241,7 +264,12 @@ class ToolPlan:
                      for it in json.loads(text)]
         except (ValueError, TypeError, KeyError):  # cut short (or, never expected, not the schema's shape)
             return None, finish_reason
-        return calls, ("tool_calls" if finish_reason == "stop" else finish_reason)
+        return calls, tool_finish(calls, finish_reason)
+
+
+def tool_finish(calls, finish_reason: str | None) -> str | None:
+    """A choice that ended by itself with calls finishes with "tool_calls"."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def tool_call(call_id: str, name: str, arguments: str) -> dict:
@@ -256,8 +284,9 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: bool | None = None
     top_logprobs: int | None = None
 
-    def tool_plan(self) -> ToolPlan | None:
-        """None when no tool call is forced (no tools, or tool_choice "none")."""
+    def tool_plan(self, parser=None) -> ToolPlan | None:
+        """None when no tool may be called (no tools, or tool_choice "none"). ``parser``: the
+        served model's tool-call parser (lmdisagg.router.tool_parsers), which "auto" needs."""
         choice = self.tool_choice
         if not self.tools:
             if choice not in (None, "none"):
@@ -268,14 +297,17 @@ class ChatCompletionRequest(_Common):
             raise InvalidRequestError("tools have duplicate names", param="tools")
         if choice == "none":
             return None
-        if choice in (None, "auto"):  # as vLLM without --enable-auto-tool-choice
+        if choice in (None, "auto") and parser is None:  # as vLLM without --enable-auto-tool-choice
             raise InvalidRequestError(
                 'tool_choice "auto" (the default when tools are given) needs a parser for the model\'s own '
-                'tool-call format, which this server does not have; send tool_choice "required" or '
+                'tool-call format, and this model\'s chat template names none: set router.tool_call_parser '
+                '(hermes, llama3_json, mistral) or serve --tool-call-parser; or send tool_choice "required" or '
                 '{"type": "function", "function": {"name": ...}} (the call is then constrained to the '
                 'tools\' schemas), or "none"', param="tool_choice")
         if self.logprobs:
-            raise InvalidRequestError("logprobs are not returned with tool calls", param="logprobs")
+            raise InvalidRequestError("logprobs are not returned with tools", param="logprobs")
+        if choice in (None, "auto"):
+            return ToolPlan("auto", self.tools, None, self.parallel_tool_calls is not False, parser)
         if choice == "required":
             return ToolPlan("required", self.tools, None, self.parallel_tool_calls is not False)
         fn = choice.get("function") if choice.get("type") == "function" else None
@@ -463,8 +495,8 @@ def completion_response(rid: str, model: str, choices: list[dict], use: dict, ch
         body = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
                  "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]} for c in choices]
         for b, c in zip(body, choices):
-            if c.get("tool_calls"):  # OpenAI: the calls, and no content
-                b["message"].update(content=None, tool_calls=c["tool_calls"])
+            if c.get("tool_calls"):  # OpenAI: the calls (and content only if the model wrote some before them)
+                b["message"].update(content=c.get("content"), tool_calls=c["tool_calls"])
         obj = "chat.completion"
     else:
         body = [{"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"),

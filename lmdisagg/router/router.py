@@ -28,6 +28,7 @@ from lmdisagg.router.events import KVEventBatch
 from lmdisagg.router.index import ChunkIndex
 from lmdisagg.router.metrics import RouterMetrics
 from lmdisagg.router.policy import PlacementRequest, WorkerLoad, make_policy
+from lmdisagg.router.tool_parsers import make_parser
 from lmdisagg.workers.messages import GenerateRequest, TokenDelta, WorkerInfo, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class Router:
         self.in_flight = 0
         self._grammars = None  # structured outputs' compiler: a bad constraint is a 400 here, not mid-stream
         self._grammars_lock = threading.Lock()
+        # tool_choice "auto": the configured parser, else the one the chat template's format names
+        template = getattr(getattr(self.tokenizer, "hf", None), "chat_template", None)
+        self.tool_parser = make_parser(self.config.router.tool_call_parser, template if isinstance(template, str) else None)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,7 +182,8 @@ class Router:
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer/chat template", param="messages")
-        return self.tokenizer.apply_chat_template(messages, tools=tools)
+        render = self.tool_parser.render if self.tool_parser is not None else None
+        return self.tokenizer.apply_chat_template(messages, tools=tools, render_calls=render)
 
     def check(self, ids: list[int], params: SamplingParams, compile: bool = True) -> None:
         """Refuse what no worker could run. ``compile``: also compile a structured-output

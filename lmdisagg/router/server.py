@@ -211,7 +211,7 @@ class OpenAIServer:
             raise ModelNotFoundError(f"model {body.model!r} is not served here; try {r.model_name!r}", param="model")
         body.check_supported()
         structured = body.structured()
-        if plan is not None:  # a forced tool call: constrained to the tools' schemas
+        if plan is not None and plan.structured is not None:  # a forced call: constrained to the tools' schemas
             if structured is not None:
                 raise InvalidRequestError("a forced tool call and a structured-output constraint cannot be combined",
                                           param="tool_choice")
@@ -246,7 +246,7 @@ class OpenAIServer:
         arrival = time.perf_counter()
         try:
             body = await self._parse(request, chat)
-            plan = body.tool_plan() if chat else None
+            plan = body.tool_plan(r.tool_parser) if chat else None
             reqs = self._requests(body, chat, plan)
             await self._admit(reqs)
         except (_Unprocessable, LmdisaggError) as e:
@@ -446,7 +446,7 @@ class OpenAIServer:
                     "logprobs": P.logprobs_object(entries[i], chat) if want else None} for i in sorted(texts)]
         if plan is not None:
             for c in choices:
-                c["tool_calls"], c["finish_reason"] = plan.calls(c["text"], c["finish_reason"], call_id)
+                c["content"], c["tool_calls"], c["finish_reason"] = plan.answer(c["text"], c["finish_reason"], call_id)
         resp = P.completion_response(rid, self.router.model_name, choices, use, chat)
         if return_ids:  # vLLM's return_token_ids extension
             for c in resp["choices"]:
@@ -505,7 +505,7 @@ class OpenAIServer:
         last = {}
         want = reqs[0][1].params.logprobs is not None
         offset = {i: 0 for i, _ in reqs}  # completions' text_offset: characters of token text sent
-        calls_text = {i: "" for i, _ in reqs}  # tool calls ("required"): the text until it is complete
+        tool_state = {}  # tool calls, per choice: the text until the calls are complete, or a ToolStream (auto)
         try:
             if chat:
                 for i, _ in reqs:
@@ -520,7 +520,7 @@ class OpenAIServer:
                         offset[i] = sum(len(t) for t, _, _ in entries)
                     await send(chunk)
                 if plan is not None:  # tool calls: streamed as OpenAI's delta.tool_calls
-                    await self._stream_tool(send, rid, model, created, plan, i, d, i not in last, calls_text)
+                    await self._stream_tool(send, rid, model, created, plan, i, d, i not in last, tool_state)
                     last[i] = d
                     continue
                 last[i] = d
@@ -554,10 +554,11 @@ class OpenAIServer:
         return resp
 
     @staticmethod
-    async def _stream_tool(send, rid, model, created, plan, i: int, d, first: bool, calls_text: dict) -> None:
+    async def _stream_tool(send, rid, model, created, plan, i: int, d, first: bool, state: dict) -> None:
         """A named function's arguments stream as they are made (the first delta carries its id and
         name); "required" calls are sent whole once the array is complete (its items' names are
-        only known then), or as content if max_tokens cut it short."""
+        only known then), or as content if max_tokens cut it short; "auto" streams the content
+        the model writes before any call, and each call whole once the text has ended."""
         if plan.mode == "named":
             if first or d.text:
                 call = {"index": 0, "function": {"arguments": d.text}}
@@ -567,14 +568,29 @@ class OpenAIServer:
             if d.finished:
                 await send(P.stream_chunk(rid, model, i, None, d.finish_reason, True, created=created))
             return
-        calls_text[i] += d.text
-        if not d.finished:
-            return
-        calls, reason = plan.calls(calls_text[i], d.finish_reason, call_id)
+        if plan.mode == "auto":
+            if i not in state:
+                state[i] = plan.stream()
+            ts = state[i]
+            content = ts.feed(d.text)
+            calls = []
+            if d.finished:
+                rest, calls = ts.finish()
+                content += rest
+            if content:
+                await send(P.stream_chunk(rid, model, i, content, None, True, created=created))
+            if not d.finished:
+                return
+            calls, reason = plan.wrap(calls, call_id), P.tool_finish(calls, d.finish_reason)
+        else:
+            state[i] = state.get(i, "") + d.text
+            if not d.finished:
+                return
+            calls, reason = plan.calls(state[i], d.finish_reason, call_id)
+            if not calls:
+                await send(P.stream_chunk(rid, model, i, state[i], None, True, created=created))
         if calls:
             await send(P.tool_chunk(rid, model, i, [{"index": k, **c} for k, c in enumerate(calls)], created))
-        else:
-            await send(P.stream_chunk(rid, model, i, calls_text[i], None, True, created=created))
         await send(P.stream_chunk(rid, model, i, None, reason, True, created=created))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import subprocess
 import sys
 
@@ -246,6 +247,81 @@ def test_tool_calls_equal_engine(served, engine):
             c.chat.completions.create(**{**kw, **bad})
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         c.chat.completions.create(model=MODEL, messages=msgs, tool_choice="required", max_tokens=5)
+
+
+# tool_choice "auto" (a deployment with router.tool_call_parser: hermes): SmolLM2's template does not
+# show tools, so the conversation shows the model the tools and one call in hermes format, which it copies
+AUTO_SYSTEM = ("You are a function calling AI model. You are provided with function signatures within <tools></tools> "
+               "XML tags. You may call one or more functions to assist with the user query. For each function call "
+               "return a json object with function name and arguments within <tool_call></tool_call> XML tags.\n"
+               "<tools>\n" + json.dumps(WEATHER["function"]) + "\n</tools>")
+AUTO_SHOT = [{"role": "system", "content": AUTO_SYSTEM}, {"role": "user", "content": "What is the weather in Paris?"},
+             {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+                                              '"unit": "celsius"}}\n</tool_call>'}]
+
+
+def hermes_calls(text: str) -> list[tuple[str, dict]]:
+    """The test's own reading of hermes blocks (not the server's parser)."""
+    return [(c["name"], c["arguments"]) for c in map(json.loads, re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S))]
+
+
+def test_auto_tool_choice_reads_the_models_calls(local_ray, engine):
+    """tool_choice "auto" through the official client, served disaggregated with the hermes parser:
+    a call the model writes comes back as message.tool_calls (streamed too), an answer in words as
+    content, and a conversation carrying the call and its result is shown to the model in the
+    model's own format; every token as one engine makes it."""
+    from lmdisagg import Pipeline, Role
+    pipe = Pipeline(model=MODEL, prefill=Role(), decode=Role(), kv_cache_bytes=1 << 29,
+                    tool_call_parser="hermes").start()
+    try:
+        c = openai.OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=300)
+        kw = dict(model=MODEL, tools=[WEATHER], temperature=0, max_tokens=60, extra_body={"return_token_ids": True})
+        ask = AUTO_SHOT + [{"role": "user", "content": "What is the weather in Rome?"}]
+        want = ref(engine, [ask], 60, chat=True)
+        expected = hermes_calls(want.text)
+        assert [(n, a["city"]) for n, a in expected] == [("get_weather", "Rome")]  # the premise
+        for choice in (None, "auto"):
+            r = c.chat.completions.create(messages=ask, **({"tool_choice": choice} if choice else {}), **kw)
+            ch = r.choices[0]
+            assert ch.model_extra["token_ids"] == want.token_ids and r.usage.prompt_tokens == want.prompt_tokens
+            assert ch.finish_reason == "tool_calls" and ch.message.content is None
+            assert [(t.function.name, json.loads(t.function.arguments)) for t in ch.message.tool_calls] == expected
+            assert ch.message.tool_calls[0].id.startswith("call_") and ch.message.tool_calls[0].type == "function"
+        chunks = list(c.chat.completions.create(messages=ask, stream=True, stream_options={"include_usage": True}, **kw))
+        deltas = [tc for x in chunks if x.choices for tc in x.choices[0].delta.tool_calls or []]
+        assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+            [(0, *expected[0])]
+        assert not "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
+        assert [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason] == ["tool_calls"]
+        assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+        # the model answers in words: content, streamed or not
+        prose = AUTO_SHOT + [{"role": "user", "content": "What is 2+2?"}]
+        want = ref(engine, [prose], 60, chat=True)
+        assert "<tool_call>" not in want.text and want.finish_reason == "stop"
+        r = c.chat.completions.create(messages=prose, **kw)
+        assert r.choices[0].message.content == want.text and r.choices[0].message.tool_calls is None
+        assert r.choices[0].finish_reason == want.finish_reason
+        chunks = list(c.chat.completions.create(messages=prose, stream=True, **kw))
+        assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == want.text
+        # the next turn: the call and the tool's result, written for the model in hermes format
+        call = c.chat.completions.create(messages=ask, **kw).choices[0].message.tool_calls[0]
+        turn = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                      {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+        written = json.dumps({"name": expected[0][0], "arguments": expected[0][1]})
+        shown = ask + [{"role": "assistant", "content": "<tool_call>\n" + written + "\n</tool_call>"},
+                       {"role": "tool", "content": '{"temperature": 21, "sky": "clear"}'}]
+        want = ref(engine, [shown], 40, chat=True)
+        r = c.chat.completions.create(messages=turn, **{**kw, "max_tokens": 40})
+        assert r.usage.prompt_tokens == want.prompt_tokens
+        assert r.choices[0].model_extra["token_ids"] == want.token_ids
+        # "none" still answers in text; logprobs with tools are refused
+        r = c.chat.completions.create(messages=ask, tool_choice="none", **kw)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == ref(
+            engine, [ask], 60, chat=True).text
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            c.chat.completions.create(messages=ask, logprobs=True, **kw)
+    finally:
+        pipe.shutdown()
 
 
 def test_responses_api_equals_engine(served, engine):
