@@ -89,6 +89,23 @@ class RouterSettings(_Strict):
                                          "unset: the one the chat template's own call format names, else 'auto' is "
                                          "refused (400)")
 
+    chat_template: str | None = Field(None, description="a Jinja chat template used instead of the model's: a file "
+                                      "path (relative to the working directory) or the template itself (vLLM's "
+                                      "--chat-template); read once, when the config is loaded")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_template(cls, v: str | None) -> str | None:
+        if v is None or "{{" in v or "{%" in v:  # unset, or the template itself
+            return v
+        try:
+            text = Path(v).expanduser().read_text()
+        except OSError as e:
+            raise ValueError(f"chat_template {v!r} is neither a readable file nor a Jinja template ({e})") from None
+        if "{{" not in text and "{%" not in text:
+            raise ValueError(f"chat_template file {v!r} holds no Jinja template")
+        return text
+
     @field_validator("tool_call_parser")
     @classmethod
     def _known_parser(cls, v: str | None) -> str | None:

@@ -84,14 +84,16 @@ class Pipeline:
                  decode: RoleSettings | None = None, colocated: RoleSettings | None = None,
                  transport: str | TransportSettings = "shm", policy: str = "round_robin",
                  host: str = "127.0.0.1", port: int = 0, store: "StoreConfig | dict | None" = None,
-                 tool_call_parser: str | None = None, **engine):
+                 tool_call_parser: str | None = None, chat_template: str | None = None, **engine):
         """Disaggregated when ``prefill``/``decode`` are given (default 1 + 1), colocated when
         ``colocated`` is. ``engine`` holds EngineSettings fields (device, dtype, chunk_tokens, ...);
         ``store`` a StoreConfig (tiered KV store: cpu_bytes, disk_path/disk_bytes, remote_url);
-        ``tool_call_parser`` how the router reads tool_choice "auto" calls (RouterSettings)."""
+        ``tool_call_parser`` how the router reads tool_choice "auto" calls, ``chat_template`` a
+        template (file or text) instead of the model's (RouterSettings)."""
         t = TransportSettings(name=transport) if isinstance(transport, str) else transport
         data = {"model": model, "transport": t.model_dump(), "engine": engine,
-                "router": {"host": host, "port": port, "policy": policy, "tool_call_parser": tool_call_parser}}
+                "router": {"host": host, "port": port, "policy": policy, "tool_call_parser": tool_call_parser,
+                           "chat_template": chat_template}}
         if store is not None:
             data["store"] = store if isinstance(store, dict) else store.model_dump()
         if colocated is not None:

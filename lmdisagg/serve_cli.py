@@ -24,6 +24,8 @@ def register(sub) -> None:
                                                    "are visible to every user of the machine)")
     s.add_argument("--tool-call-parser", default=None, help="override router.tool_call_parser (hermes, llama3_json, "
                                                             "mistral): tool_choice 'auto' reads calls in this format")
+    s.add_argument("--chat-template", default=None, help="override router.chat_template: a Jinja chat template "
+                                                         "file (or the template itself) instead of the model's")
     s.set_defaults(func=run)
 
 
@@ -32,7 +34,8 @@ def run(args) -> int:
     from lmdisagg.pipeline import Pipeline
     cfg = ClusterConfig.from_yaml(args.config)
     router = {k: v for k, v in {"port": args.port, "host": args.host, "policy": args.policy,
-                                "api_key": args.api_key, "tool_call_parser": args.tool_call_parser}.items()
+                                "api_key": args.api_key, "tool_call_parser": args.tool_call_parser,
+                                "chat_template": args.chat_template}.items()
               if v is not None}
     cfg = cfg.with_overrides(**({"router": router} if router else {}), **({"model": args.model} if args.model else {}))
     pipe = Pipeline.from_config(cfg)

@@ -169,6 +169,8 @@ class Engine(EngineBase):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         if any(tok >= vocab for tok, _ in params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if any(tok >= vocab for tok in params.allowed_token_ids):
+            raise InvalidRequestError(f"allowed_token_ids must be in [0, {vocab})", param="allowed_token_ids")
         if params.structured is not None:
             self.grammars().compile(params.structured)  # 400 for a constraint that does not compile
         n = len(prompt_token_ids)

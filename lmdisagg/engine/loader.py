@@ -90,19 +90,32 @@ class Tokenizer:
             self._token_text.update(zip(new, self.hf.batch_decode([[i] for i in new], skip_special_tokens=False)))
         return [self._token_text[i] for i in ids]
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            render_calls=None) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None, render_calls=None,
+                            template: str | None = None, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, kwargs: dict | None = None) -> list[int]:
         """``tools`` (OpenAI's function definitions) go to templates that show them to the model.
         An assistant turn's ``tool_calls`` are written into its content for a template that does
         not render them (else the conversation would lose them): by ``render_calls`` (a list of
-        (name, arguments dict) → text, the model's own call format) if given, else as JSON."""
-        template = self.hf.chat_template
+        (name, arguments dict) → text, the model's own call format) if given, else as JSON.
+        ``template``: a Jinja chat template used instead of the model's; ``add_generation_prompt``
+        opens the assistant's turn; ``continue_final_message`` leaves the last (assistant) message
+        open for the model to go on with; ``kwargs``: more variables for the template (vLLM's
+        ``chat_template_kwargs``)."""
+        template = template or self.hf.chat_template
         if not template:
             raise InvalidRequestError("this model has no chat template; use a plain prompt")
         if "tool_calls" not in template:
             messages = [_calls_as_text(m, render_calls) for m in messages]
+        if add_generation_prompt and continue_final_message:
+            raise InvalidRequestError("add_generation_prompt and continue_final_message cannot both be true",
+                                      param="continue_final_message")
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise InvalidRequestError("continue_final_message needs an assistant message last",
+                                      param="continue_final_message")
         try:
-            text = self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            text = self.hf.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message, **(kwargs or {}))
         except Exception as e:  # noqa: BLE001 - a template's own error (jinja raise_exception, a missing key)
             raise InvalidRequestError(f"the chat template cannot render these messages: {e}", param="messages") from e
         return list(self.hf(text, add_special_tokens=False)["input_ids"])

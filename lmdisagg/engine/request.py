@@ -39,6 +39,7 @@ class SamplingParams:
     min_p: float = 0.0                # [0, 1]; drop tokens under min_p times the top probability
     top_k: int = 0                    # keep the k most likely tokens; 0 or -1: all
     min_tokens: int = 0               # no EOS, stop token or stop string before this many tokens (vLLM)
+    allowed_token_ids: tuple[int, ...] = ()  # sample only among these tokens (vLLM); empty: all
     # structured outputs (lmdisagg.engine.structured): (kind, spec), kind "json" (a JSON schema, as
     # text or a dict; "" any JSON object), "regex", "choice" (a list of strings) or "grammar" (EBNF)
     structured: tuple[str, str] | None = None
@@ -46,6 +47,8 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.logit_bias, dict):  # {token id: bias}, as the OpenAI API sends it
             object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        if isinstance(self.allowed_token_ids, list):
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if self.structured is not None:  # the spec as text (a malformed one is refused by validate)
             try:
                 object.__setattr__(self, "structured", normalize_structured(self.structured))
@@ -56,7 +59,8 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """True when the logits are changed before sampling (not only temperature / top_p)."""
         return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 \
-            or self.presence_penalty != 0.0 or self.min_tokens > 0 or self.structured is not None
+            or self.presence_penalty != 0.0 or self.min_tokens > 0 or self.structured is not None \
+            or bool(self.allowed_token_ids)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
@@ -89,6 +93,10 @@ class SamplingParams:
                     or not isinstance(bias, (int, float)) or not -100.0 <= bias <= 100.0:
                 raise InvalidRequestError(f"logit_bias maps token ids to values in [-100, 100] ({{id: bias}} or "
                                           f"((id, bias), ...)), got {pair!r}", param="logit_bias")
+        if not isinstance(self.allowed_token_ids, tuple) or any(
+                not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.allowed_token_ids):
+            raise InvalidRequestError(f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}",
+                                      param="allowed_token_ids")
         if self.structured is not None:
             normalize_structured(self.structured)
             if self.min_tokens:  # a complete output may only be followed by EOS, which min_tokens bans
@@ -135,6 +143,7 @@ class Sequence:
     grammar: object = None            # structured.GrammarState when params.structured is set
     seen: torch.Tensor | None = None  # repetition_penalty: [vocab] mask of the tokens in token_ids[:num_seen]
     num_seen: int = 0
+    allowed: torch.Tensor | None = None  # allowed_token_ids: [vocab] 0 for them, -inf for the rest
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -102,12 +102,18 @@ def _draw(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> torch.
 
 
 def process_logits(row: torch.Tensor, seq: Sequence) -> None:
-    """In place on one sequence's logits [vocab]: logit_bias, then the repetition penalty (tokens
-    of prompt + output, as HF transformers and vLLM), then the frequency and presence penalties
-    (tokens of the output, as OpenAI), then min_tokens' ban on EOS and stop tokens. (A structured
-    output's grammar mask comes after, for all constrained rows at once: ``apply_masks``.)"""
+    """In place on one sequence's logits [vocab]: allowed_token_ids' mask, logit_bias, then the
+    repetition penalty (tokens of prompt + output, as HF transformers and vLLM), then the frequency
+    and presence penalties (tokens of the output, as OpenAI), then min_tokens' ban on EOS and stop
+    tokens. (A structured output's grammar mask comes after, for all constrained rows at once:
+    ``apply_masks``.)"""
     p = seq.params
     dev = row.device
+    if p.allowed_token_ids:  # only these may come: a mask made once, on the device
+        if seq.allowed is None:
+            seq.allowed = torch.full((row.numel(),), float("-inf"), dtype=row.dtype, device=dev)
+            seq.allowed[torch.tensor(p.allowed_token_ids, device=dev)] = 0.0
+        row.add_(seq.allowed)
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], device=dev)
         row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=row.dtype, device=dev))

@@ -29,7 +29,24 @@ _NEUTRAL = {
     "modalities": lambda v: v is None or v == ["text"],
     "audio": lambda v: v is None,
     "echo": lambda v: not v,                                      # vLLM's chat echo (completions: a field)
+    "web_search_options": lambda v: v is None,
+    # vLLM's: a request's own chat template (vLLM too refuses it by default), beam search, special
+    # tokens in the output, priority scheduling, per-request logits processors, RAG documents,
+    # multimodal options, a prefix-cache salt (tenants' caches kept apart: this cache is shared)
+    "chat_template": lambda v: v is None,
+    "use_beam_search": lambda v: not v,
+    "length_penalty": lambda v: v in (None, 1, 1.0),
+    "skip_special_tokens": lambda v: v in (None, True),
+    "spaces_between_special_tokens": lambda v: v in (None, True),
+    "priority": lambda v: v in (None, 0),
+    "logits_processors": lambda v: not v,
+    "documents": lambda v: not v,
+    "mm_processor_kwargs": lambda v: not v,
+    "cache_salt": lambda v: v is None,
 }
+# chat_template_kwargs may not set what the request's own fields set
+_TEMPLATE_FIELDS = {"messages", "tools", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message",
+                    "documents"}
 
 
 class StreamOptions(BaseModel):
@@ -57,7 +74,11 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    repetition_penalty: float | None = None  # vLLM extensions from here
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM extensions from here: keep the prompt's
+    #                                          last k tokens (-1: the model's length)
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    return_tokens_as_token_ids: bool = False   # logprobs name tokens "token_id:N"
+    repetition_penalty: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     min_tokens: int | None = None
@@ -97,8 +118,21 @@ class _Common(BaseModel):
                 raise InvalidRequestError(f"logit_bias keys are token ids, got {tok!r}", param="logit_bias") from None
         out = {"logit_bias": tuple(bias), "repetition_penalty": self.repetition_penalty,
                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
-               "top_k": self.top_k, "min_p": self.min_p, "min_tokens": self.min_tokens}
+               "top_k": self.top_k, "min_p": self.min_p, "min_tokens": self.min_tokens,
+               "allowed_token_ids": tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None}
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidRequestError("allowed_token_ids must name at least one token", param="allowed_token_ids")
         return {k: v for k, v in out.items() if v is not None}
+
+    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM; -1: as many as the model takes)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k == 0:
+            raise InvalidRequestError("truncate_prompt_tokens must be -1 or at least 1", param="truncate_prompt_tokens")
+        k = max_model_len if k == -1 else k
+        return ids[-k:] if len(ids) > k else ids
 
     def logprob_count(self) -> int | None:
         """Alternatives per generated token to return with its log-probability; None: no logprobs."""
@@ -283,6 +317,19 @@ class ChatCompletionRequest(_Common):
     tool_choice: Union[Literal["none", "auto", "required"], dict, None] = None
     parallel_tool_calls: bool | None = None
     top_logprobs: int | None = None
+    add_generation_prompt: bool = True      # vLLM: open the assistant's turn
+    continue_final_message: bool = False    # vLLM: leave the last (assistant) message open, to be continued
+    chat_template_kwargs: dict | None = None  # vLLM: more variables for the chat template
+
+    def template_options(self) -> dict:
+        """Tokenizer.apply_chat_template's options from add_generation_prompt, continue_final_message
+        and chat_template_kwargs."""
+        kw = self.chat_template_kwargs or {}
+        clash = sorted(_TEMPLATE_FIELDS & kw.keys())
+        if clash:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {clash}", param="chat_template_kwargs")
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, "kwargs": kw}
 
     def tool_plan(self, parser=None) -> ToolPlan | None:
         """None when no tool may be called (no tools, or tool_choice "none"). ``parser``: the
@@ -456,6 +503,9 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True      # messages: as on /v1/chat/completions
+    continue_final_message: bool = False
+    chat_template_kwargs: dict | None = None
 
 
 class DetokenizeRequest(BaseModel):

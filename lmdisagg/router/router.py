@@ -98,7 +98,7 @@ class Router:
         self._grammars = None  # structured outputs' compiler: a bad constraint is a 400 here, not mid-stream
         self._grammars_lock = threading.Lock()
         # tool_choice "auto": the configured parser, else the one the chat template's format names
-        template = getattr(getattr(self.tokenizer, "hf", None), "chat_template", None)
+        template = self.config.router.chat_template or getattr(getattr(self.tokenizer, "hf", None), "chat_template", None)
         self.tool_parser = make_parser(self.config.router.tool_call_parser, template if isinstance(template, str) else None)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -179,11 +179,13 @@ class Router:
             raise InvalidRequestError("this model has no tokenizer; send token ids as the prompt", param="prompt")
         return self.tokenizer.encode(prompt)
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, **options) -> list[int]:
+        """``options``: add_generation_prompt, continue_final_message, kwargs (Tokenizer.apply_chat_template)."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer/chat template", param="messages")
         render = self.tool_parser.render if self.tool_parser is not None else None
-        return self.tokenizer.apply_chat_template(messages, tools=tools, render_calls=render)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, render_calls=render,
+                                                  template=self.config.router.chat_template, **options)
 
     def check(self, ids: list[int], params: SamplingParams, compile: bool = True) -> None:
         """Refuse what no worker could run. ``compile``: also compile a structured-output

@@ -95,8 +95,11 @@ class OpenAIServer:
         try:
             body = await self._parse_model(request, P.TokenizeRequest)
             if body.messages is not None:
-                chat = P.ChatCompletionRequest(model=r.model_name, messages=body.messages)
-                ids = r.encode_chat(chat.template_messages())
+                chat = P.ChatCompletionRequest(model=r.model_name, messages=body.messages,
+                                               add_generation_prompt=body.add_generation_prompt,
+                                               continue_final_message=body.continue_final_message,
+                                               chat_template_kwargs=body.chat_template_kwargs)
+                ids = r.encode_chat(chat.template_messages(), **chat.template_options())
             elif body.prompt is not None:
                 if r.tokenizer is None:
                     raise InvalidRequestError("this model has no tokenizer", param="prompt")
@@ -217,11 +220,12 @@ class OpenAIServer:
                                           param="tool_choice")
             structured = plan.structured
         if chat:
-            prompts = [r.encode_chat(body.template_messages(), tools=body.tool_defs())]
+            prompts = [r.encode_chat(body.template_messages(), tools=body.tool_defs(), **body.template_options())]
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         else:
             prompts = [r.encode_prompt(p) for p in body.prompts()]
             max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        prompts = [body.truncate(ids, r.max_model_len) for ids in prompts]
         logprobs = body.logprob_count()
         prompt_logprobs = None if chat else body.prompt_logprob_count()
         processing = body.processing()
@@ -264,8 +268,9 @@ class OpenAIServer:
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return await self._stream(request, rid, reqs, chat, include_usage, arrival, endpoint,
-                                          bool(body.return_token_ids), echo, plan)
-            return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids), echo, plan)
+                                          bool(body.return_token_ids), echo, plan, body.return_tokens_as_token_ids)
+            return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids), echo, plan,
+                                        body.return_tokens_as_token_ids)
         finally:
             r.in_flight -= len(reqs)
             r.metrics.in_flight.set(r.in_flight)
@@ -419,7 +424,7 @@ class OpenAIServer:
         return resp
 
     async def _complete(self, rid, reqs, chat, arrival, endpoint, return_ids: bool = False,
-                        echo: dict | None = None, plan=None) -> web.Response:
+                        echo: dict | None = None, plan=None, as_ids: bool = False) -> web.Response:
         m = self.router.metrics
         texts = {i: (echo or {}).get(i, "") for i, _ in reqs}
         prompt_of = dict(reqs)
@@ -431,7 +436,7 @@ class OpenAIServer:
             async for i, d in self._run_choices(reqs, arrival):
                 texts[i] += d.text
                 token_ids[i] += d.token_ids
-                entries[i] += self._prompt_entries(prompt_of[i], d) + self._logprob_entries(d)
+                entries[i] += self._prompt_entries(prompt_of[i], d, as_ids) + self._logprob_entries(d, as_ids)
                 if d.finished:
                     finish[i] = d.finish_reason
                 last[i] = d
@@ -457,26 +462,30 @@ class OpenAIServer:
         tok = self.router.tokenizer
         return tok.decode(req.prompt_token_ids) if tok is not None else ""
 
-    def _prompt_entries(self, req: GenerateRequest, d) -> list:
+    def _prompt_entries(self, req: GenerateRequest, d, as_ids: bool = False) -> list:
         """An echoed prompt's logprobs, from the delta that carries them (the first): its first
         token has none."""
         if not d.prompt_logprobs:
             return []
         ids = list(req.prompt_token_ids)
         rest = d.prompt_logprobs[1:]
-        texts = self._texts(ids + [a for _, top in rest for a, _ in top])
+        texts = self._texts(ids + [a for _, top in rest for a, _ in top], as_ids)
         return [(texts[ids[0]], None, None)] + [(texts[t], lp, [(texts[a], alp) for a, alp in top])
                                                 for t, (lp, top) in zip(ids[1:], rest)]
 
-    def _texts(self, ids: list[int]) -> dict[int, str]:
+    def _texts(self, ids: list[int], as_ids: bool = False) -> dict[int, str]:
+        """Tokens named as logprobs name them: their text, or "token_id:N" (vLLM's
+        return_tokens_as_token_ids; also for a model without a tokenizer)."""
         tok = self.router.tokenizer
-        return dict(zip(ids, tok.token_texts(ids))) if tok is not None else {t: f"token_id:{t}" for t in ids}
+        if tok is None or as_ids:
+            return {t: f"token_id:{t}" for t in ids}
+        return dict(zip(ids, tok.token_texts(ids)))
 
-    def _logprob_entries(self, d) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    def _logprob_entries(self, d, as_ids: bool = False) -> list[tuple[str, float, list[tuple[str, float]]]]:
         """A delta's logprobs with each token as text: (token, logprob, [(alternative, logprob)])."""
         if not d.logprobs:
             return []
-        text = self._texts(list(d.token_ids) + [a for _, top in d.logprobs for a, _ in top])
+        text = self._texts(list(d.token_ids) + [a for _, top in d.logprobs for a, _ in top], as_ids)
         return [(text[t], lp, [(text[a], alp) for a, alp in top]) for t, (lp, top) in zip(d.token_ids, d.logprobs)]
 
     @staticmethod
@@ -492,7 +501,8 @@ class OpenAIServer:
         return P.usage(prompt, completion, cached)
 
     async def _stream(self, request, rid, reqs, chat, include_usage, arrival, endpoint,
-                      return_ids: bool = False, echo: dict | None = None, plan=None) -> web.StreamResponse:
+                      return_ids: bool = False, echo: dict | None = None, plan=None,
+                      as_ids: bool = False) -> web.StreamResponse:
         m = self.router.metrics
         model = self.router.model_name
         created = int(time.time())
@@ -515,7 +525,7 @@ class OpenAIServer:
                 if echo and i not in last:  # the echoed prompt first, with its logprobs if asked
                     chunk = P.stream_chunk(rid, model, i, echo[i], None, chat, created=created)
                     if want:
-                        entries = self._prompt_entries(prompt_of[i], d)
+                        entries = self._prompt_entries(prompt_of[i], d, as_ids)
                         chunk["choices"][0]["logprobs"] = P.logprobs_object(entries, chat)
                         offset[i] = sum(len(t) for t, _, _ in entries)
                     await send(chunk)
@@ -531,7 +541,7 @@ class OpenAIServer:
                     if return_ids:
                         chunk["choices"][0]["token_ids"] = d.token_ids
                     if want:
-                        entries = self._logprob_entries(d)
+                        entries = self._logprob_entries(d, as_ids)
                         chunk["choices"][0]["logprobs"] = P.logprobs_object(entries, chat, offset[i])
                         offset[i] += sum(len(t) for t, _, _ in entries)
                     await send(chunk)

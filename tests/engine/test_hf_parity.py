@@ -123,6 +123,22 @@ def test_penalties_and_logit_bias_match_reference(engine, hf_model):
     assert got[0] != plain[0] and got != plain
 
 
+def test_allowed_token_ids_match_reference(engine, hf_model):
+    """vLLM's allowed_token_ids, greedy: the same tokens as the argmax over only those ids of HF's
+    logits at each step."""
+    import torch
+    prompt, n = "My favourite numbers are", 12
+    ids = engine.encode(prompt)
+    allowed = sorted({int(t) for t in engine.encode(" 1 2 3 7 seven, and")})
+    got = engine.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True, allowed_token_ids=allowed))[0].token_ids
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            row = hf_model(torch.tensor([ids + out])).logits[0, -1].float()
+            out.append(allowed[int(row[allowed].argmax())])
+    assert got == out and set(got) <= set(allowed)
+
+
 def test_top_k_and_min_p_narrow_sampling(engine):
     prompt = "Once upon a time"
     greedy = engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
@@ -137,7 +153,8 @@ def test_top_k_and_min_p_narrow_sampling(engine):
                                          ("repetition_penalty", 0.0), ("min_p", 1.5), ("top_k", -2),
                                          ("logit_bias", ((5, 101.0),)), ("logit_bias", ((10 ** 6, 1.0),)),
                                          ("logit_bias", [5]), ("logit_bias", 5), ("logit_bias", {5: "x"}),
-                                         ("min_tokens", -1),
+                                         ("min_tokens", -1), ("allowed_token_ids", (-1,)),
+                                         ("allowed_token_ids", (10 ** 6,)), ("allowed_token_ids", 5),
                                          ("logprobs", 21)])
 def test_bad_sampling_values_are_refused(engine, field, value):
     from lmdisagg.errors import InvalidRequestError

@@ -108,3 +108,38 @@ def test_unknown_parser_is_refused_by_config_and_cli():
     # `lmdisagg serve` refuses it before starting anything
     out = subprocess.run([sys.executable, "-m", "lmdisagg.cli", "serve", "--config", config, "--tool-call-parser", "qwen"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "tool-call parser 'qwen'" in out.stdout + out.stderr
+
+
+def test_calls_written_back_in_the_parsers_format_for_a_template_without_tool_calls(engine):
+    """SmolLM2's template does not render an assistant turn's tool_calls: the router writes them
+    into the turn's content in the parser's format (the model's own), else as JSON."""
+    msgs = [{"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    tok = engine.tokenizer
+
+    def turn(render):
+        text = tok.hf.decode(tok.apply_chat_template(msgs, render_calls=render))
+        return text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+
+    for name, cls in PARSERS.items():
+        ts = ToolStream(cls())
+        assert ts.feed(turn(cls().render)) == "" and ts.finish() == ("", [("get_weather", '{"city": "Rome"}')]), name
+    assert json.loads(turn(None)) == [{"name": "get_weather", "arguments": {"city": "Rome"}}]
+
+
+def test_chat_template_from_a_file_or_inline_and_refused_when_neither(tmp_path):
+    config = str(Path(__file__).resolve().parents[2] / "cluster_configs" / "local-cpu.yaml")
+    cfg = ClusterConfig.from_yaml(config)
+    f = tmp_path / "t.jinja"
+    f.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert cfg.with_overrides(router={"chat_template": str(f)}).router.chat_template == f.read_text()
+    inline = "{{ messages[0].content }}"
+    assert cfg.with_overrides(router={"chat_template": inline}).router.chat_template == inline
+    for bad in (str(tmp_path / "missing.jinja"), str(tmp_path)):
+        with pytest.raises(Exception, match="chat_template"):
+            cfg.with_overrides(router={"chat_template": bad})
+    out = subprocess.run([sys.executable, "-m", "lmdisagg.cli", "serve", "--config", config, "--chat-template",
+                          str(tmp_path / "missing.jinja")], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "missing.jinja" in out.stdout + out.stderr

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from lmdisagg.engine import SamplingParams
+from tests.serving.conftest import ROOT
 
 MODEL = "smollm2-135m"
 GREEDY = {"temperature": 0, "extra_body": {"return_token_ids": True}}
@@ -124,6 +125,62 @@ def test_penalties_bias_top_k_min_p_equal_engine(served, engine):
                                   response_format={"type": "text"}, frequency_penalty=0, presence_penalty=0,
                                   extra_body={"min_tokens": 0, "top_k": -1})
     assert r.usage.completion_tokens >= 1
+
+
+def test_vllm_prompt_and_sampling_fields_equal_engine(served, engine):
+    """vLLM's continue_final_message / add_generation_prompt (the prompt rendered here with HF
+    transformers), truncate_prompt_tokens, allowed_token_ids and return_tokens_as_token_ids,
+    served disaggregated: the same tokens as one engine."""
+    c = served.client()
+    hf = engine.tokenizer.hf
+
+    def rendered(messages, **kw):
+        return hf(hf.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=False)["input_ids"]
+
+    msgs = [{"role": "user", "content": "Write one sentence about cats."}, {"role": "assistant", "content": "Cats are"}]
+    for kw in ({"continue_final_message": True, "add_generation_prompt": False}, {"add_generation_prompt": False}):
+        ids = rendered(msgs, **kw)
+        want = engine.generate([ids], SamplingParams(max_tokens=16))[0]
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0,
+                                      extra_body={**kw, "return_token_ids": True})
+        assert r.usage.prompt_tokens == len(ids) and r.choices[0].model_extra["token_ids"] == want.token_ids
+    # the continued message is left open: the answer goes on from "Cats are"
+    assert hf.decode(rendered(msgs, continue_final_message=True)).endswith("Cats are")
+    # truncate_prompt_tokens: the prompt's last k tokens
+    prompt = "The history of the printing press begins in the fifteenth century, when"
+    ids = engine.encode(prompt)[-6:]
+    want = engine.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    for chat in (False, True):
+        if chat:
+            ids = rendered([{"role": "user", "content": prompt}], add_generation_prompt=True)[-6:]
+            want = engine.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+            r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12,
+                                          temperature=0, extra_body={"truncate_prompt_tokens": 6, "ignore_eos": True,
+                                                                     "return_token_ids": True})
+        else:
+            r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                     extra_body={"truncate_prompt_tokens": 6, "ignore_eos": True, "return_token_ids": True})
+        assert r.usage.prompt_tokens == 6 and r.choices[0].model_extra["token_ids"] == want.token_ids
+    # allowed_token_ids: only those come, greedy and seeded, as one engine picks them
+    base = ref(engine, "Count: 1, 2, 3, 4,", 20, ignore_eos=True)
+    allowed = sorted(set(base.token_ids[1:8]) | set(engine.encode(" 9 10 11")))
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        want = ref(engine, "Count: 1, 2, 3, 4,", 20, ignore_eos=True, allowed_token_ids=tuple(allowed), **kw)
+        r = c.completions.create(model=MODEL, prompt="Count: 1, 2, 3, 4,", max_tokens=20, **kw,
+                                 extra_body={"allowed_token_ids": allowed, "ignore_eos": True, "return_token_ids": True})
+        got = r.choices[0].model_extra["token_ids"]
+        assert got == want.token_ids and set(got) <= set(allowed) and got != base.token_ids
+    # return_tokens_as_token_ids: logprobs name tokens by id
+    r = c.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=2,
+                             extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    lp, ids = r.choices[0].logprobs, r.choices[0].model_extra["token_ids"]
+    assert lp.tokens == [f"token_id:{t}" for t in ids]
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs for k in top)
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0,
+                                  logprobs=True, top_logprobs=1, extra_body={"return_tokens_as_token_ids": True,
+                                                                            "return_token_ids": True})
+    assert [x.token for x in r.choices[0].logprobs.content] == \
+        [f"token_id:{t}" for t in r.choices[0].model_extra["token_ids"]]
 
 
 def test_structured_outputs_equal_engine(served, engine):
@@ -249,15 +306,14 @@ def test_tool_calls_equal_engine(served, engine):
         c.chat.completions.create(model=MODEL, messages=msgs, tool_choice="required", max_tokens=5)
 
 
-# tool_choice "auto" (a deployment with router.tool_call_parser: hermes): SmolLM2's template does not
-# show tools, so the conversation shows the model the tools and one call in hermes format, which it copies
-AUTO_SYSTEM = ("You are a function calling AI model. You are provided with function signatures within <tools></tools> "
-               "XML tags. You may call one or more functions to assist with the user query. For each function call "
-               "return a json object with function name and arguments within <tool_call></tool_call> XML tags.\n"
-               "<tools>\n" + json.dumps(WEATHER["function"]) + "\n</tools>")
-AUTO_SHOT = [{"role": "system", "content": AUTO_SYSTEM}, {"role": "user", "content": "What is the weather in Paris?"},
-             {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
-                                              '"unit": "celsius"}}\n</tool_call>'}]
+# tool_choice "auto": a deployment with cluster_configs/templates/smollm2-tools.jinja as its chat template
+# (SmolLM2's own plus tools in the hermes format; the router takes the hermes parser from it)
+TOOLS_TEMPLATE = ROOT / "cluster_configs" / "templates" / "smollm2-tools.jinja"
+
+
+def call_of(city: str, unit: str = "celsius", cid: str = "call_1") -> dict:
+    return {"id": cid, "type": "function", "function": {"name": "get_weather",
+                                                         "arguments": json.dumps({"city": city, "unit": unit})}}
 
 
 def hermes_calls(text: str) -> list[tuple[str, dict]]:
@@ -266,18 +322,31 @@ def hermes_calls(text: str) -> list[tuple[str, dict]]:
 
 
 def test_auto_tool_choice_reads_the_models_calls(local_ray, engine):
-    """tool_choice "auto" through the official client, served disaggregated with the hermes parser:
-    a call the model writes comes back as message.tool_calls (streamed too), an answer in words as
-    content, and a conversation carrying the call and its result is shown to the model in the
-    model's own format; every token as one engine makes it."""
+    """tool_choice "auto" through the official client, served disaggregated with a chat template
+    that shows the tools (router.chat_template): a call the model writes comes back as
+    message.tool_calls (streamed too), an answer in words as content, text that only starts like
+    a call as content, whole; the next turn's calls and results are rendered by the template, and
+    chat_template_kwargs reach it. Prompts are rendered here with HF transformers from the template
+    file, and every token is as one engine makes it from them."""
     from lmdisagg import Pipeline, Role
+    template = TOOLS_TEMPLATE.read_text()
+    hf = engine.tokenizer.hf
+
+    def expect(messages, max_tokens, **kw):
+        text = hf.apply_chat_template(messages, tools=[WEATHER], chat_template=template,
+                                      add_generation_prompt=True, tokenize=False, **kw)
+        return engine.generate([hf(text, add_special_tokens=False)["input_ids"]], SamplingParams(max_tokens=max_tokens))[0]
+
     pipe = Pipeline(model=MODEL, prefill=Role(), decode=Role(), kv_cache_bytes=1 << 29,
-                    tool_call_parser="hermes").start()
+                    chat_template=str(TOOLS_TEMPLATE)).start()
     try:
+        assert pipe.router.tool_parser.name == "hermes"  # named by the template's own call format
         c = openai.OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=300)
         kw = dict(model=MODEL, tools=[WEATHER], temperature=0, max_tokens=60, extra_body={"return_token_ids": True})
-        ask = AUTO_SHOT + [{"role": "user", "content": "What is the weather in Rome?"}]
-        want = ref(engine, [ask], 60, chat=True)
+        shot = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call_of("Paris")]}]
+        ask = shot + [{"role": "user", "content": "What is the weather in Rome?"}]
+        want = expect(ask, 60)
         expected = hermes_calls(want.text)
         assert [(n, a["city"]) for n, a in expected] == [("get_weather", "Rome")]  # the premise
         for choice in (None, "auto"):
@@ -289,35 +358,50 @@ def test_auto_tool_choice_reads_the_models_calls(local_ray, engine):
             assert ch.message.tool_calls[0].id.startswith("call_") and ch.message.tool_calls[0].type == "function"
         chunks = list(c.chat.completions.create(messages=ask, stream=True, stream_options={"include_usage": True}, **kw))
         deltas = [tc for x in chunks if x.choices for tc in x.choices[0].delta.tool_calls or []]
-        assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
-            [(0, *expected[0])]
+        assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [(0, *expected[0])]
         assert not "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
         assert [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason] == ["tool_calls"]
         assert chunks[-1].usage.completion_tokens == len(want.token_ids)
-        # the model answers in words: content, streamed or not
-        prose = AUTO_SHOT + [{"role": "user", "content": "What is 2+2?"}]
-        want = ref(engine, [prose], 60, chat=True)
-        assert "<tool_call>" not in want.text and want.finish_reason == "stop"
-        r = c.chat.completions.create(messages=prose, **kw)
-        assert r.choices[0].message.content == want.text and r.choices[0].message.tool_calls is None
-        assert r.choices[0].finish_reason == want.finish_reason
-        chunks = list(c.chat.completions.create(messages=prose, stream=True, **kw))
-        assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == want.text
-        # the next turn: the call and the tool's result, written for the model in hermes format
+        # the next turn: the call and its result, rendered by the template
         call = c.chat.completions.create(messages=ask, **kw).choices[0].message.tool_calls[0]
-        turn = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                      {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
-        written = json.dumps({"name": expected[0][0], "arguments": expected[0][1]})
-        shown = ask + [{"role": "assistant", "content": "<tool_call>\n" + written + "\n</tool_call>"},
-                       {"role": "tool", "content": '{"temperature": 21, "sky": "clear"}'}]
-        want = ref(engine, [shown], 40, chat=True)
+        result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}
+        turn = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}, result]
+        want = expect(turn, 40)
         r = c.chat.completions.create(messages=turn, **{**kw, "max_tokens": 40})
-        assert r.usage.prompt_tokens == want.prompt_tokens
+        assert r.usage.prompt_tokens == want.prompt_tokens and r.choices[0].model_extra["token_ids"] == want.token_ids
+        # text that starts like a call but is none (here the model writes a made-up result): content, whole
+        odd = shot + [{"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18, "sky": "sunny"}'},
+                      {"role": "assistant", "content": "It is 18 degrees and sunny in Paris."},
+                      {"role": "user", "content": "What is the weather in Rome?"}]
+        want = expect(odd, 60)
+        assert want.text.startswith("<tool_call>") and '"name"' not in want.text  # the premise
+        for stream in (False, True):
+            if stream:
+                chunks = list(c.chat.completions.create(messages=odd, stream=True, **kw))
+                assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == want.text
+                assert not any(x.choices[0].delta.tool_calls for x in chunks if x.choices)
+            else:
+                r = c.chat.completions.create(messages=odd, **kw)
+                assert r.choices[0].message.content == want.text and r.choices[0].message.tool_calls is None
+                assert r.choices[0].finish_reason == want.finish_reason
+        # an answer in words, streamed or not
+        words = shot + [{"role": "user", "content": "What is 2+2?"}]
+        want = expect(words, 60)
+        assert "<tool_call>" not in want.text  # the premise
+        r = c.chat.completions.create(messages=words, **kw)
+        assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == "stop"
+        chunks = list(c.chat.completions.create(messages=words, stream=True, **kw))
+        assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == want.text
+        # chat_template_kwargs reach the template
+        preamble = "Call a tool when the user asks about the weather. Tools:"
+        want = expect(ask, 60, tools_preamble=preamble)
+        r = c.chat.completions.create(messages=ask, **{**kw, "extra_body": {"return_token_ids": True,
+                                                                             "chat_template_kwargs": {"tools_preamble": preamble}}})
+        assert r.usage.prompt_tokens == want.prompt_tokens != expect(ask, 1).prompt_tokens
         assert r.choices[0].model_extra["token_ids"] == want.token_ids
-        # "none" still answers in text; logprobs with tools are refused
-        r = c.chat.completions.create(messages=ask, tool_choice="none", **kw)
-        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == ref(
-            engine, [ask], 60, chat=True).text
+        # "none" answers in text; logprobs with tools are refused
+        r = c.chat.completions.create(messages=words, tool_choice="none", **kw)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == expect(words, 60).text
         with pytest.raises(openai.BadRequestError, match="logprobs"):
             c.chat.completions.create(messages=ask, logprobs=True, **kw)
     finally:
@@ -563,7 +647,17 @@ BAD = [
         {"tools": [WEATHER, WEATHER], "tool_choice": "required"},
         {"tools": [WEATHER], "tool_choice": {"type": "function", "function": "get_weather"}},
         {"messages": [{"role": "assistant", "content": None, "tool_calls": 5}, {"role": "user", "content": "hi"}]},
+        # vLLM's fields this server cannot honour, and misused ones it does
+        {"chat_template": "{{ messages }}"}, {"use_beam_search": True}, {"skip_special_tokens": False},
+        {"priority": 1}, {"cache_salt": "tenant-a"}, {"logits_processors": ["my.module:Proc"]},
+        {"continue_final_message": True},  # the last message is not the assistant's
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}],
+         "continue_final_message": True, "add_generation_prompt": True},
+        {"chat_template_kwargs": {"add_generation_prompt": False}},
+        {"allowed_token_ids": []}, {"allowed_token_ids": [10 ** 9]}, {"truncate_prompt_tokens": 0},
     ]],
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": -2}).encode(), 422),
+    ("completions", json.dumps({"model": MODEL, "prompt": "hi", "allowed_token_ids": ["a"]}).encode(), 422),
     ("responses", json.dumps({"model": MODEL, "input": "hi", "text": {"format": "json"}}).encode(), 400),
     ("responses", json.dumps({"model": MODEL, "input": []}).encode(), 400),
     ("responses", json.dumps({"model": MODEL, "input": ["hi"]}).encode(), 422),
