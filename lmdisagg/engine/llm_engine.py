@@ -20,7 +20,7 @@ from lmdisagg.engine.request import RequestOutput, SamplingParams, Sequence, Sta
 from lmdisagg.engine.scheduler import Scheduler
 from lmdisagg.engine.structured import Grammars
 from lmdisagg.errors import ContextLengthError, InvalidRequestError, LmdisaggError, OutOfBlocksError
-from lmdisagg.kv.keys import ChunkKey, KeyNamespace, chunk_keys
+from lmdisagg.kv.keys import ChunkKey, KeyNamespace, chunk_keys, salt_root
 from lmdisagg.kv.layout import KVLayout, torch_dtype
 from lmdisagg.models import resolve_model
 from lmdisagg.engine.loader import Tokenizer, fingerprint, load_model
@@ -126,8 +126,9 @@ class Engine(EngineBase):
         return max(1, budget // self.layout.chunk_nbytes)
 
     # --- keys ---------------------------------------------------------------------------------
-    def chunk_keys(self, token_ids: list[int]) -> list[ChunkKey]:
-        return chunk_keys(token_ids, self.config.chunk_tokens, self.namespace)
+    def chunk_keys(self, token_ids: list[int], salt: str | None = None) -> list[ChunkKey]:
+        """Keys of the full chunks of ``token_ids`` (a request's ``cache_salt`` starts another chain)."""
+        return chunk_keys(token_ids, self.config.chunk_tokens, self.namespace, salt_root(salt))
 
     def _seq_keys(self, seq: Sequence) -> list[ChunkKey]:
         """Keys of every full chunk of ``seq.token_ids``, extended incrementally."""
@@ -135,7 +136,7 @@ class Engine(EngineBase):
         have = len(seq.chunk_keys)
         full = len(seq) // t
         if full > have:
-            parent = seq.chunk_keys[-1] if have else bytes(16)
+            parent = seq.chunk_keys[-1] if have else salt_root(seq.params.cache_salt)
             seq.chunk_keys += chunk_keys(seq.token_ids[have * t:full * t], t, self.namespace, parent)
         return seq.chunk_keys[:full]
 

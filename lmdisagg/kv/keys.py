@@ -8,6 +8,10 @@ Scheme ``v1`` (KEY_SCHEME_VERSION = 1)::
     namespace = model fingerprint | dtype name | layout version     (see ``KeyNamespace.digest``)
     tokens_i  = token ids of chunk i as little-endian int32, exactly ``chunk_tokens`` of them
 
+A request with a cache salt (vLLM's ``cache_salt``) starts its chain from ``salt_root(salt)``
+instead of the 16 zero bytes: its keys, and so its cached chunks in every tier and index, are
+found only by requests with the same salt (tenants cannot probe each other's prompts by timing).
+
 Only full chunks get keys: a chunk's bytes are defined by every token before it (the parent
 chain) and its own tokens, under one model, dtype and byte layout. Any change of those inputs
 changes every key, so a stale chunk can never be found. Keys are 16 raw bytes; ``.hex()`` is used
@@ -39,6 +43,11 @@ class KeyNamespace:
     def digest(self) -> bytes:
         text = f"{self.model_fingerprint}|{self.dtype}|{self.layout_version}"
         return xxhash.xxh3_128_digest(text.encode())
+
+
+def salt_root(salt: str | None) -> ChunkKey:
+    """The chain's first parent: 16 zero bytes, or a digest of the request's cache salt."""
+    return _ROOT if not salt else xxhash.xxh3_128_digest(_MAGIC + b"-salt|" + salt.encode())
 
 
 def chunk_keys(token_ids: Sequence[int], chunk_tokens: int, namespace: KeyNamespace | bytes,

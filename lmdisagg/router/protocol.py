@@ -32,7 +32,7 @@ _NEUTRAL = {
     "web_search_options": lambda v: v is None,
     # vLLM's: a request's own chat template (vLLM too refuses it by default), beam search, special
     # tokens in the output, priority scheduling, per-request logits processors, RAG documents,
-    # multimodal options, a prefix-cache salt (tenants' caches kept apart: this cache is shared)
+    # multimodal options
     "chat_template": lambda v: v is None,
     "use_beam_search": lambda v: not v,
     "length_penalty": lambda v: v in (None, 1, 1.0),
@@ -42,7 +42,6 @@ _NEUTRAL = {
     "logits_processors": lambda v: not v,
     "documents": lambda v: not v,
     "mm_processor_kwargs": lambda v: not v,
-    "cache_salt": lambda v: v is None,
 }
 # chat_template_kwargs may not set what the request's own fields set
 _TEMPLATE_FIELDS = {"messages", "tools", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message",
@@ -78,6 +77,7 @@ class _Common(BaseModel):
     #                                          last k tokens (-1: the model's length)
     allowed_token_ids: list[int] | None = None  # sample only among these
     return_tokens_as_token_ids: bool = False   # logprobs name tokens "token_id:N"
+    cache_salt: str | None = None              # prefix-cache chunks shared only with the same salt
     repetition_penalty: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -119,7 +119,8 @@ class _Common(BaseModel):
         out = {"logit_bias": tuple(bias), "repetition_penalty": self.repetition_penalty,
                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
                "top_k": self.top_k, "min_p": self.min_p, "min_tokens": self.min_tokens,
-               "allowed_token_ids": tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None}
+               "allowed_token_ids": tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None,
+               "cache_salt": self.cache_salt}
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise InvalidRequestError("allowed_token_ids must name at least one token", param="allowed_token_ids")
         return {k: v for k, v in out.items() if v is not None}

@@ -23,7 +23,7 @@ from lmdisagg.config import ClusterConfig
 from lmdisagg.engine.request import SamplingParams
 from lmdisagg.errors import (ContextLengthError, InvalidRequestError, LmdisaggError, TimeoutError_,
                              UnavailableError)
-from lmdisagg.kv.keys import chunk_keys
+from lmdisagg.kv.keys import chunk_keys, salt_root
 from lmdisagg.router.events import KVEventBatch
 from lmdisagg.router.index import ChunkIndex
 from lmdisagg.router.metrics import RouterMetrics
@@ -238,7 +238,7 @@ class Router:
         if not prefill or (decode is not None and not decode):
             raise UnavailableError("no live workers to serve the request")
         context = req.context_token_ids
-        keys = chunk_keys(context, self.chunk_tokens, self.namespace)
+        keys = chunk_keys(context, self.chunk_tokens, self.namespace, salt_root(req.params.cache_salt))
         preq = PlacementRequest(req.request_id, keys, len(context), context,
                                 req.params.max_tokens - len(req.resumed))
         placement = self.policy.choose(preq, prefill, decode, self.index)

@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from lmdisagg.engine.request import SamplingParams
-from lmdisagg.kv.keys import chunk_keys
+from lmdisagg.kv.keys import chunk_keys, salt_root
 from lmdisagg.errors import InvalidRequestError, LmdisaggError, ModelNotFoundError, OverloadedError, PayloadTooLargeError
 from lmdisagg.router import protocol as P
 from lmdisagg.router.router import Router
@@ -161,17 +161,21 @@ class OpenAIServer:
         return web.json_response(body)
 
     async def explain(self, request: web.Request) -> web.Response:
-        """What the index knows of a prompt ({"prompt": text or token ids}): leading chunks held per
-        prefill worker, by tier. Nothing is routed."""
+        """What the index knows of a prompt ({"prompt": text or token ids, "cache_salt": optional}):
+        leading chunks held per prefill worker, by tier. Nothing is routed."""
         r = self.router
         try:
             body = json.loads(await request.read())
             ids = r.encode_prompt(body["prompt"])
-        except (ValueError, KeyError, TypeError) as e:
-            return error_response(400, f"expected {{\"prompt\": text or token ids}}: {e}", "invalid_request_error")
+            salt = body.get("cache_salt")
+            if salt is not None and not isinstance(salt, str):
+                raise TypeError("cache_salt must be a string")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return error_response(400, f"expected {{\"prompt\": text or token ids, \"cache_salt\": optional}}: {e}",
+                                  "invalid_request_error")
         except LmdisaggError as e:
             return from_exc(e)
-        keys = chunk_keys(ids, r.chunk_tokens, r.namespace)
+        keys = chunk_keys(ids, r.chunk_tokens, r.namespace, salt_root(salt))
         held = {w.worker_id: {"chunks": m.chunks, "by_tier": m.by_tier, "stale": m.stale}
                 for w in r.prefill for m in [r.index.matched_prefix(w.worker_id, keys)]}
         return web.json_response({"prompt_tokens": len(ids), "prompt_chunks": len(keys), "workers": held})

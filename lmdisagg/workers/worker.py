@@ -148,7 +148,7 @@ class Worker:
             raise InvalidRequestError(f"request id {req.request_id!r} is already running")
         e.validate(req.prompt_token_ids, req.params)
         self._loading[req.request_id] = (req, prefill_only)
-        self.bridge.start_load(req.request_id, req.context_token_ids)
+        self.bridge.start_load(req.request_id, req.context_token_ids, salt=req.params.cache_salt)
 
     @staticmethod
     def _admit(e: Engine, req: GenerateRequest, prefill_only: bool) -> None:
@@ -300,7 +300,7 @@ class PrefillWorker(Worker):
 
     def _publish(self, e: Engine, req: GenerateRequest, out: RequestOutput) -> KVHandle:
         seq = e.held_request(req.request_id)
-        keys = e.chunk_keys(req.context_token_ids)
+        keys = e.chunk_keys(req.context_token_ids, req.params.cache_salt)
         gen = seq.generator.get_state().numpy().tobytes() if seq.generator is not None else None
         import ray
         return KVHandle(

@@ -155,6 +155,7 @@ def test_top_k_and_min_p_narrow_sampling(engine):
                                          ("logit_bias", [5]), ("logit_bias", 5), ("logit_bias", {5: "x"}),
                                          ("min_tokens", -1), ("allowed_token_ids", (-1,)),
                                          ("allowed_token_ids", (10 ** 6,)), ("allowed_token_ids", 5),
+                                         ("cache_salt", ""), ("cache_salt", 5),
                                          ("logprobs", 21)])
 def test_bad_sampling_values_are_refused(engine, field, value):
     from lmdisagg.errors import InvalidRequestError

@@ -40,6 +40,21 @@ def test_shared_prefix_computes_only_new_chunks(engine):
     assert second.token_ids == ref.token_ids
 
 
+def test_cache_salt_keeps_prefixes_apart(engine):
+    """vLLM's cache_salt: a salted request reuses only chunks computed under the same salt; the
+    tokens do not change."""
+    t = engine.config.chunk_tokens
+    prompt = long_prompt(engine, 2 * t + 40, seed=7)
+    keys = {s: engine.chunk_keys(prompt, s) for s in (None, "a", "b")}
+    assert len({tuple(k) for k in keys.values()}) == 3 and keys["a"] == engine.chunk_keys(prompt, "a")
+    outs = {}
+    for salt, cached in ((None, 0), ("a", 0), ("b", 0), ("a", 2 * t), (None, 2 * t), ("b", 2 * t)):
+        r = engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, cache_salt=salt))[0]
+        assert r.cached_tokens == cached, (salt, r.cached_tokens)
+        outs.setdefault(tuple(r.token_ids), []).append(salt)
+    assert len(outs) == 1  # the same tokens under every salt
+
+
 def test_export_import_into_fresh_engine(engine):
     t = engine.config.chunk_tokens
     prompt = long_prompt(engine, 3 * t + 37, seed=1)

@@ -38,8 +38,8 @@ def test_prefix_lands_where_cached_and_index_follows_evictions(served_ca, engine
     def stats():
         return s.stats()
 
-    def holders(text):
-        r = httpx.post(s.base + "/debug/placement", json={"prompt": text}, timeout=30).json()
+    def holders(text, **extra):
+        r = httpx.post(s.base + "/debug/placement", json={"prompt": text, **extra}, timeout=30).json()
         return {w: v["chunks"] for w, v in r["workers"].items()}
 
     prefix = words(1, 800)                      # ~1000 tokens: 3 full chunks
@@ -48,6 +48,7 @@ def test_prefix_lands_where_cached_and_index_follows_evictions(served_ca, engine
     where = wait_until(lambda: [w for w, n in holders(prefix).items() if n == n_chunks], 5)
     assert len(where) == 1
     home = where[0]
+    assert set(holders(prefix, cache_salt="tenant-b").values()) == {0}  # a salted request's chain differs
     before = stats()["placement"]["decisions"]
     for i in range(1, 4):                       # same prefix: every one goes home, reuses it
         assert ask(prefix + f" Question {i}?") == n_chunks * 256

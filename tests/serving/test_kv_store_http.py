@@ -1,7 +1,7 @@
 """The tiered KV store through the HTTP API on a disaggregated CPU deployment: the same ~2K-token
 prompt again is served from the engine (L1), host memory (L2), local disk (L3) or Redis (L4) with
 identical text and the cached tokens reported; a restarted deployment reuses disk and Redis; a
-Redis outage only costs recomputation."""
+request's cache_salt keeps its chunks apart in every tier; a Redis outage only costs recomputation."""
 from __future__ import annotations
 
 import random
@@ -29,10 +29,10 @@ def deploy(local_ray, store: dict):
                     num_blocks=12, store=store).start()
 
 
-def ask(pipe, text: str):
+def ask(pipe, text: str, **extra):
     from openai import OpenAI
     r = OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=600).completions.create(
-        model=MODEL, prompt=text, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        model=MODEL, prompt=text, max_tokens=12, temperature=0, extra_body={"ignore_eos": True, **extra})
     return r.choices[0].text, r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens
 
 
@@ -80,6 +80,14 @@ def test_reuse_from_every_tier_and_after_restart(local_ray, redis, engine, tmp_p
 
     pipe = deploy(local_ray, {"remote_url": redis.url})  # restart, only Redis (another node's view)
     try:
+        # a request with a cache salt finds none of the unsalted chunks Redis holds (its chain has
+        # other keys), nor another salt's, but its own again
+        text, cached, _ = ask(pipe, b, cache_salt="tenant-x")
+        assert text == expect[b] and cached == 0 and served(pipe)["redis"] == 0
+        text, cached, _ = ask(pipe, b, cache_salt="tenant-y")
+        assert text == expect[b] and cached == 0
+        text, cached, _ = ask(pipe, b, cache_salt="tenant-y")
+        assert text == expect[b] and cached == chunks * 256
         text, cached, _ = ask(pipe, b)
         assert text == expect[b] and cached == chunks * 256
         assert served(pipe)["redis"] == chunks

@@ -649,7 +649,7 @@ BAD = [
         {"messages": [{"role": "assistant", "content": None, "tool_calls": 5}, {"role": "user", "content": "hi"}]},
         # vLLM's fields this server cannot honour, and misused ones it does
         {"chat_template": "{{ messages }}"}, {"use_beam_search": True}, {"skip_special_tokens": False},
-        {"priority": 1}, {"cache_salt": "tenant-a"}, {"logits_processors": ["my.module:Proc"]},
+        {"priority": 1}, {"cache_salt": ""}, {"logits_processors": ["my.module:Proc"]},
         {"continue_final_message": True},  # the last message is not the assistant's
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}],
          "continue_final_message": True, "add_generation_prompt": True},

@@ -131,7 +131,7 @@ class StoreBridge:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         self.engine.validate(token_ids, params)
         self._pending[request_id] = (list(token_ids), params)
-        self.start_load(request_id, token_ids)
+        self.start_load(request_id, token_ids, salt=params.cache_salt)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request that is loading (its fetched chunks still land in the cache) or running."""
@@ -139,10 +139,12 @@ class StoreBridge:
             return True
         return self.engine.abort(request_id)
 
-    def start_load(self, request_id: str, token_ids: list[int], timeout_s: float | None = None) -> None:
-        """Begin fetching the prompt's missing leading chunks; its LoadResult comes from ``poll``."""
+    def start_load(self, request_id: str, token_ids: list[int], timeout_s: float | None = None,
+                   salt: str | None = None) -> None:
+        """Begin fetching the prompt's missing leading chunks; its LoadResult comes from ``poll``.
+        ``salt``: the request's cache_salt (its chunks have their own keys)."""
         t = self.engine.layout.chunk_tokens
-        keys = self.engine.chunk_keys(token_ids)[:max(0, (len(token_ids) - 1) // t)]
+        keys = self.engine.chunk_keys(token_ids, salt)[:max(0, (len(token_ids) - 1) // t)]
         n = self.engine.cached_prefix(keys)
         now = time.perf_counter()
         load = _Load(request_id, keys, n, [], now, now + (timeout_s or self.load_timeout_s))
