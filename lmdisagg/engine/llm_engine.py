@@ -313,7 +313,7 @@ class Engine(EngineBase):
         stop_ids = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(self.eos_token_ids))
         if seq.finish_reason == "stop" and ids and ids[-1] in stop_ids:
             ids = ids[:-1]
-        text = self.tokenizer.decode(ids)
+        text = self.tokenizer.decode(ids, seq.params.skip_special_tokens)
         finished = seq.finish_reason is not None
         if len(seq.output_token_ids) > seq.params.min_tokens:  # (vLLM) none before min_tokens
             for s in seq.params.stop:

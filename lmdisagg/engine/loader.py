@@ -79,8 +79,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text)["input_ids"])
 
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (special tokens included), as logprobs name tokens; each id is

@@ -40,6 +40,7 @@ class SamplingParams:
     top_k: int = 0                    # keep the k most likely tokens; 0 or -1: all
     min_tokens: int = 0               # no EOS, stop token or stop string before this many tokens (vLLM)
     allowed_token_ids: tuple[int, ...] = ()  # sample only among these tokens (vLLM); empty: all
+    skip_special_tokens: bool = True  # False: special tokens' text stays in the output text (vLLM)
     # not sampling, but carried with the request everywhere the params go (handoff, resume, store
     # loads): its prefix-cache chunks are shared only with requests of the same salt (lmdisagg.kv.keys)
     cache_salt: str | None = None
@@ -100,6 +101,8 @@ class SamplingParams:
                 not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.allowed_token_ids):
             raise InvalidRequestError(f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}",
                                       param="allowed_token_ids")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise InvalidRequestError("skip_special_tokens must be true or false", param="skip_special_tokens")
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt
                                             or len(self.cache_salt) > 1024):
             raise InvalidRequestError("cache_salt must be a non-empty string (at most 1024 characters)",

@@ -30,13 +30,12 @@ _NEUTRAL = {
     "audio": lambda v: v is None,
     "echo": lambda v: not v,                                      # vLLM's chat echo (completions: a field)
     "web_search_options": lambda v: v is None,
-    # vLLM's: a request's own chat template (vLLM too refuses it by default), beam search, special
-    # tokens in the output, priority scheduling, per-request logits processors, RAG documents,
+    # vLLM's: a request's own chat template (vLLM too refuses it by default), beam search, spaces
+    # around special tokens (slow tokenizers only), priority scheduling, per-request logits processors, RAG documents,
     # multimodal options
     "chat_template": lambda v: v is None,
     "use_beam_search": lambda v: not v,
     "length_penalty": lambda v: v in (None, 1, 1.0),
-    "skip_special_tokens": lambda v: v in (None, True),
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "priority": lambda v: v in (None, 0),
     "logits_processors": lambda v: not v,
@@ -78,6 +77,7 @@ class _Common(BaseModel):
     allowed_token_ids: list[int] | None = None  # sample only among these
     return_tokens_as_token_ids: bool = False   # logprobs name tokens "token_id:N"
     cache_salt: str | None = None              # prefix-cache chunks shared only with the same salt
+    skip_special_tokens: bool = True           # False: special tokens' text stays in the output
     repetition_penalty: float | None = None
     top_k: int | None = None
     min_p: float | None = None
@@ -120,7 +120,7 @@ class _Common(BaseModel):
                "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
                "top_k": self.top_k, "min_p": self.min_p, "min_tokens": self.min_tokens,
                "allowed_token_ids": tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None,
-               "cache_salt": self.cache_salt}
+               "cache_salt": self.cache_salt, "skip_special_tokens": self.skip_special_tokens}
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise InvalidRequestError("allowed_token_ids must name at least one token", param="allowed_token_ids")
         return {k: v for k, v in out.items() if v is not None}

@@ -233,6 +233,8 @@ class OpenAIServer:
         logprobs = body.logprob_count()
         prompt_logprobs = None if chat else body.prompt_logprob_count()
         processing = body.processing()
+        if plan is not None and plan.mode == "auto" and plan.parser.keep_special:
+            processing["skip_special_tokens"] = False  # the call's marker is a special token
         out = []
         base = uuid.uuid4().hex
         for pi, ids in enumerate(prompts):

@@ -6,7 +6,8 @@ the router reads them back out of its text (vLLM's ``--tool-call-parser``).
     llama3_json  {"name": ..., "parameters": {...}} as the whole answer, several joined by ";",
                  optionally after <|python_tag|> (Llama 3.1-3.3 JSON tool calling)
     mistral      [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...] as the whole answer
-                 ([TOOL_CALLS] is a special token: the text may show only the array)
+                 ([TOOL_CALLS] is a special token: requests keep special tokens in their text, as
+                 vLLM does for this format; a tokenizer without it shows only the array)
 
 Streamed or not, a choice's text goes through one ``ToolStream``: ``feed`` returns the content
 that can be shown now (text before any call; a part that may begin a call is held back), and
@@ -39,6 +40,7 @@ class ToolParser:
     name = ""
     markers: tuple[str, ...] = ()  # text that begins a call
     anywhere = False  # hermes: a call may follow content; the others: the answer starts with it
+    keep_special = False  # the marker is a special token: the text keeps special tokens (as vLLM)
 
     def call_start(self, text: str) -> int | None:
         """Where a call begins in ``text`` (None: none yet)."""
@@ -117,6 +119,7 @@ class Llama3Json(ToolParser):
 class Mistral(ToolParser):
     name = "mistral"
     markers = ("[TOOL_CALLS]", "[")
+    keep_special = True
 
     def parse(self, text):
         try:

@@ -129,8 +129,8 @@ def test_penalties_bias_top_k_min_p_equal_engine(served, engine):
 
 def test_vllm_prompt_and_sampling_fields_equal_engine(served, engine):
     """vLLM's continue_final_message / add_generation_prompt (the prompt rendered here with HF
-    transformers), truncate_prompt_tokens, allowed_token_ids and return_tokens_as_token_ids,
-    served disaggregated: the same tokens as one engine."""
+    transformers), truncate_prompt_tokens, allowed_token_ids, skip_special_tokens and
+    return_tokens_as_token_ids, served disaggregated: the same tokens as one engine."""
     c = served.client()
     hf = engine.tokenizer.hf
 
@@ -170,6 +170,17 @@ def test_vllm_prompt_and_sampling_fields_equal_engine(served, engine):
                                  extra_body={"allowed_token_ids": allowed, "ignore_eos": True, "return_token_ids": True})
         got = r.choices[0].model_extra["token_ids"]
         assert got == want.token_ids and set(got) <= set(allowed) and got != base.token_ids
+    # skip_special_tokens: false keeps special tokens' text (past EOS here, with ignore_eos)
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True, "skip_special_tokens": False, "return_token_ids": True})
+    ids = r.choices[0].model_extra["token_ids"]
+    assert ids == ref(engine, "What is 2+2?", 40, chat=True, ignore_eos=True).token_ids
+    assert r.choices[0].message.content == hf.decode(ids, skip_special_tokens=False)
+    assert "<|im_end|>" in r.choices[0].message.content  # the premise: the model closed its turn
+    chunks = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert "".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == r.choices[0].message.content
     # return_tokens_as_token_ids: logprobs name tokens by id
     r = c.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, logprobs=2,
                              extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
@@ -648,7 +659,7 @@ BAD = [
         {"tools": [WEATHER], "tool_choice": {"type": "function", "function": "get_weather"}},
         {"messages": [{"role": "assistant", "content": None, "tool_calls": 5}, {"role": "user", "content": "hi"}]},
         # vLLM's fields this server cannot honour, and misused ones it does
-        {"chat_template": "{{ messages }}"}, {"use_beam_search": True}, {"skip_special_tokens": False},
+        {"chat_template": "{{ messages }}"}, {"use_beam_search": True}, {"spaces_between_special_tokens": False},
         {"priority": 1}, {"cache_salt": ""}, {"logits_processors": ["my.module:Proc"]},
         {"continue_final_message": True},  # the last message is not the assistant's
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}],
