@@ -65,3 +65,20 @@ def test_same_generator_state_same_draws():
     x = _draw(logits, list(range(64)), [Sequence("a", [1], params, generator=a)] * 64)
     y = _draw(logits, list(range(64)), [Sequence("b", [1], params, generator=b)] * 64)
     assert torch.equal(x, y) and len(set(x.tolist())) > 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_allowed_token_ids_sample_from_those_only(device):
+    """vLLM's allowed_token_ids: a sampled row draws from the softmax over those tokens alone (the
+    mask is made once per request, on the logits' device); a greedy row takes their argmax."""
+    from lmdisagg.engine.sampler import _sample
+    n, allowed = 4000, (1, 3, 4, 6)
+    params = SamplingParams(temperature=1.0, allowed_token_ids=allowed)
+    seq = Sequence("s", [1], params, generator=torch.Generator(device).manual_seed(3))
+    greedy = Sequence("g", [1], SamplingParams(allowed_token_ids=(2, 5)))
+    drawn = _sample(LOGITS.repeat(n + 1, 1).to(device), [seq] * n + [greedy], None)
+    assert drawn[-1] == 2
+    freq = torch.bincount(torch.tensor(drawn[:n]), minlength=len(LOGITS)).float() / n
+    want = torch.zeros(len(LOGITS))
+    want[list(allowed)] = torch.softmax(LOGITS[list(allowed)], -1)
+    assert freq[want == 0].sum() == 0 and (freq - want).abs().max() < 0.03, (freq, want)
