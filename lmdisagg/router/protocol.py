@@ -10,7 +10,7 @@ import json
 import time
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lmdisagg.engine.request import MAX_LOGPROBS
 from lmdisagg.errors import InvalidRequestError
@@ -302,6 +302,40 @@ class ToolPlan:
         return calls, tool_finish(calls, finish_reason)
 
 
+def make_tool_plan(tools: list[Tool] | None, choice, parallel: bool | None, parser,
+                   logprobs: bool = False) -> ToolPlan | None:
+    """A request's ToolPlan from its tools and tool_choice (chat's shapes); None when no tool may
+    be called (no tools, or "none")."""
+    if not tools:
+        if choice not in (None, "none"):
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+        return None
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("tools have duplicate names", param="tools")
+    if choice == "none":
+        return None
+    if choice in (None, "auto") and parser is None:  # as vLLM without --enable-auto-tool-choice
+        raise InvalidRequestError(
+            'tool_choice "auto" (the default when tools are given) needs a parser for the model\'s own '
+            'tool-call format, and this model\'s chat template names none: set router.tool_call_parser '
+            '(hermes, llama3_json, mistral) or serve --tool-call-parser; or send tool_choice "required" or '
+            '{"type": "function", "function": {"name": ...}} (the call is then constrained to the '
+            'tools\' schemas), or "none"', param="tool_choice")
+    if logprobs:
+        raise InvalidRequestError("logprobs are not returned with tools", param="logprobs")
+    if choice in (None, "auto"):
+        return ToolPlan("auto", tools, None, parallel is not False, parser)
+    if choice == "required":
+        return ToolPlan("required", tools, None, parallel is not False)
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if name not in names:
+        raise InvalidRequestError(f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
+                                  f"\"function\": {{\"name\": one of {names}}}}}", param="tool_choice")
+    return ToolPlan("named", tools, name, False)
+
+
 def tool_finish(calls, finish_reason: str | None) -> str | None:
     """A choice that ended by itself with calls finishes with "tool_calls"."""
     return "tool_calls" if calls and finish_reason == "stop" else finish_reason
@@ -335,35 +369,7 @@ class ChatCompletionRequest(_Common):
     def tool_plan(self, parser=None) -> ToolPlan | None:
         """None when no tool may be called (no tools, or tool_choice "none"). ``parser``: the
         served model's tool-call parser (lmdisagg.router.tool_parsers), which "auto" needs."""
-        choice = self.tool_choice
-        if not self.tools:
-            if choice not in (None, "none"):
-                raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
-            return None
-        names = [t.function.name for t in self.tools]
-        if len(set(names)) != len(names):
-            raise InvalidRequestError("tools have duplicate names", param="tools")
-        if choice == "none":
-            return None
-        if choice in (None, "auto") and parser is None:  # as vLLM without --enable-auto-tool-choice
-            raise InvalidRequestError(
-                'tool_choice "auto" (the default when tools are given) needs a parser for the model\'s own '
-                'tool-call format, and this model\'s chat template names none: set router.tool_call_parser '
-                '(hermes, llama3_json, mistral) or serve --tool-call-parser; or send tool_choice "required" or '
-                '{"type": "function", "function": {"name": ...}} (the call is then constrained to the '
-                'tools\' schemas), or "none"', param="tool_choice")
-        if self.logprobs:
-            raise InvalidRequestError("logprobs are not returned with tools", param="logprobs")
-        if choice in (None, "auto"):
-            return ToolPlan("auto", self.tools, None, self.parallel_tool_calls is not False, parser)
-        if choice == "required":
-            return ToolPlan("required", self.tools, None, self.parallel_tool_calls is not False)
-        fn = choice.get("function") if choice.get("type") == "function" else None
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if name not in names:
-            raise InvalidRequestError(f"tool_choice must be none, auto, required or {{\"type\": \"function\", "
-                                      f"\"function\": {{\"name\": one of {names}}}}}", param="tool_choice")
-        return ToolPlan("named", self.tools, name, False)
+        return make_tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls, parser, bool(self.logprobs))
 
     def tool_defs(self) -> list[dict] | None:
         """The tools as chat templates take them (templates that know tools show them to the model)."""
@@ -401,10 +407,12 @@ class ChatCompletionRequest(_Common):
 
 
 class ResponsesRequest(BaseModel):
-    """OpenAI's Responses API (``client.responses.create``), stateless: ``input`` text or message
-    items (text parts), ``instructions``, ``max_output_tokens``, ``temperature``, ``top_p``,
-    ``text.format`` (structured outputs), ``stream``. Nothing is stored, so ``previous_response_id``
-    and ``background`` are refused; tools are refused (as are non-text inputs)."""
+    """OpenAI's Responses API (``client.responses.create``), stateless: ``input`` text or items
+    (messages with text parts, earlier ``function_call`` items and their ``function_call_output``),
+    ``instructions``, ``max_output_tokens``, ``temperature``, ``top_p``, ``text.format``
+    (structured outputs), function ``tools`` with ``tool_choice`` and ``parallel_tool_calls`` (as
+    on chat), ``stream``. Nothing is stored, so ``previous_response_id`` and ``background`` are
+    refused, as are built-in tools and non-text inputs."""
     model_config = ConfigDict(extra="allow")
     model: str
     input: Union[str, list[dict]]
@@ -416,6 +424,7 @@ class ResponsesRequest(BaseModel):
     text: dict | None = None
     tools: list | None = None
     tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None
     reasoning: dict | None = None
@@ -429,22 +438,63 @@ class ResponsesRequest(BaseModel):
                                       param="previous_response_id")
         if self.background:
             raise InvalidRequestError("background responses are not supported", param="background")
-        if self.tools:
-            raise InvalidRequestError("tools are not supported on /v1/responses; use /v1/chat/completions",
-                                      param="tools")
         if self.reasoning and self.reasoning.get("effort") is not None:
             raise InvalidRequestError("reasoning is not supported by this model", param="reasoning")
 
+    def chat_tools(self) -> list[Tool] | None:
+        """The function tools in chat's shape (the Responses API's are flat: type, name, ...)."""
+        if not self.tools:
+            return None
+        out = []
+        for t in self.tools:
+            if not isinstance(t, dict) or t.get("type") != "function":
+                raise InvalidRequestError("only function tools are supported here (no built-in tools such as "
+                                          "web_search or file_search)", param="tools")
+            try:
+                out.append(Tool(type="function", function=FunctionDef(**{k: v for k, v in t.items() if k != "type"})))
+            except (ValidationError, TypeError) as e:
+                raise InvalidRequestError(f"a function tool needs a name and a parameters object: {e}",
+                                          param="tools") from None
+        return out
+
+    def tool_plan(self, parser=None) -> ToolPlan | None:
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+            choice = {"type": "function", "function": {"name": choice.get("name")}}  # the Responses API's shape
+        elif choice is not None and not isinstance(choice, dict) and choice not in ("none", "auto", "required"):
+            raise InvalidRequestError('tool_choice must be none, auto, required or {"type": "function", "name": ...}',
+                                      param="tool_choice")
+        return make_tool_plan(self.chat_tools(), choice, self.parallel_tool_calls, parser)
+
     def messages(self) -> list[dict]:
-        """The chat messages: instructions as the system message, then the input."""
+        """The chat messages: instructions as the system message, then the input (function_call
+        items join the assistant turn before them, or make one; a function_call_output is a
+        tool message)."""
         out = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if isinstance(self.input, str):
             return out + [{"role": "user", "content": self.input}]
         for item in self.input:
-            if item.get("type", "message") != "message" or item.get("role") not in (
-                    "user", "assistant", "system", "developer"):
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if kind == "function_call":
+                if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                    raise InvalidRequestError("a function_call item needs call_id, name and arguments (text)",
+                                              param="input")
+                call = tool_call(item["call_id"], item["name"], item["arguments"])
+                if out and out[-1]["role"] == "assistant":
+                    out[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                continue
+            if kind == "function_call_output":
+                if not isinstance(item.get("call_id"), str) or not isinstance(item.get("output"), str):
+                    raise InvalidRequestError("a function_call_output item needs call_id and output (text)",
+                                              param="input")
+                out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+                continue
+            if kind != "message" or item.get("role") not in ("user", "assistant", "system", "developer"):
                 raise InvalidRequestError(f"input items must be messages (role user, assistant, system or "
-                                          f"developer), got {item.get('type', 'message')!r}", param="input")
+                                          f"developer), function_call or function_call_output, got {kind!r}",
+                                          param="input")
             content = item.get("content")
             if isinstance(content, list):
                 if any(not isinstance(c, dict) or c.get("type") not in ("input_text", "output_text")
@@ -474,21 +524,34 @@ class ResponsesRequest(BaseModel):
                                   param="text")
 
 
-def response_object(rid: str, msg_id: str, model: str, body: ResponsesRequest, created: int, text: str,
+def response_output(msg_id: str, content: str | None, calls: list[dict] | None, finish_reason: str | None) -> list[dict]:
+    """A finished response's output items: a message (if there is content), then one
+    function_call item per tool call."""
+    status = "incomplete" if finish_reason == "length" else "completed"
+    out = [] if content is None else [{
+        "type": "message", "id": msg_id, "status": status, "role": "assistant",
+        "content": [{"type": "output_text", "text": content, "annotations": [], "logprobs": []}]}]
+    for c in calls or []:
+        out.append({"type": "function_call", "id": "fc_" + c["id"].removeprefix("call_"), "call_id": c["id"],
+                    "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": "completed"})
+    return out
+
+
+def response_object(rid: str, model: str, body: ResponsesRequest, created: int, output: list[dict],
                     finish_reason: str | None, use: dict | None) -> dict:
     """A Responses API ``response``: in progress (``use`` None), completed, or incomplete (cut by
     max_output_tokens)."""
     done = use is not None
     status = "in_progress" if not done else ("incomplete" if finish_reason == "length" else "completed")
-    output = [] if not done else [{
-        "type": "message", "id": msg_id, "status": "completed" if status == "completed" else "incomplete",
-        "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}]
     return {
-        "id": rid, "object": "response", "created_at": created, "status": status, "model": model, "output": output,
+        "id": rid, "object": "response", "created_at": created, "status": status, "model": model,
+        "output": output if done else [],
         "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-        "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": False, "tool_choice": "none",
-        "tools": [], "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
+        "temperature": body.temperature, "top_p": body.top_p,
+        "parallel_tool_calls": bool(body.tools) and body.parallel_tool_calls is not False,
+        "tool_choice": body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none"),
+        "tools": body.tools or [], "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
         "previous_response_id": None, "reasoning": None, "store": False, "metadata": body.metadata or {},
         "usage": None if not done else {
             "input_tokens": use["prompt_tokens"], "output_tokens": use["completion_tokens"],

@@ -340,18 +340,27 @@ class OpenAIServer:
         m.cached_tokens.inc(usage["prompt_tokens_details"]["cached_tokens"])
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        """OpenAI's Responses API over the same path as chat: one message item out."""
+        """OpenAI's Responses API over the same path as chat: a message item out, and a
+        function_call item per tool call."""
         r = self.router
         arrival = time.perf_counter()
         endpoint = "responses"
         try:
             body = await self._parse_model(request, P.ResponsesRequest)
             body.check_supported()
-            ids = r.encode_chat(body.messages())
+            plan = body.tool_plan(r.tool_parser)
+            tools = body.chat_tools()
+            ids = r.encode_chat(body.messages(), tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None)
             structured = body.structured()
+            if plan is not None and plan.structured is not None:  # a forced call: constrained to the tools' schemas
+                if structured is not None:
+                    raise InvalidRequestError("a forced tool call and text.format cannot be combined", param="tool_choice")
+                structured = plan.structured
             mt = body.max_output_tokens if body.max_output_tokens is not None else max(1, r.max_model_len - len(ids))
+            extra = {"skip_special_tokens": False} if plan is not None and plan.mode == "auto" \
+                and plan.parser.keep_special else {}
             params = SamplingParams(max_tokens=mt, temperature=1.0 if body.temperature is None else body.temperature,
-                                    top_p=1.0 if body.top_p is None else body.top_p, structured=structured)
+                                    top_p=1.0 if body.top_p is None else body.top_p, structured=structured, **extra)
             r.check(ids, params, compile=False)
             base = uuid.uuid4().hex
             reqs = [(0, GenerateRequest(f"{base}-0-0", ids, params))]
@@ -363,7 +372,7 @@ class OpenAIServer:
         r.metrics.in_flight.set(r.in_flight)
         try:
             if body.stream:
-                return await self._responses_stream(request, rid, msg_id, created, body, reqs, arrival, endpoint)
+                return await self._responses_stream(request, rid, msg_id, created, body, plan, reqs, arrival, endpoint)
             text, finish, last = "", None, {}
             try:
                 async for _, d in self._run_choices(reqs, arrival):
@@ -376,15 +385,21 @@ class OpenAIServer:
             use = self._usage(reqs, last)
             self._record(use, arrival)
             r.metrics.requests.labels(endpoint, "200").inc()
-            return web.json_response(P.response_object(rid, msg_id, r.model_name, body, created, text, finish, use))
+            content, calls, _ = plan.answer(text, finish, call_id) if plan is not None else (text, None, finish)
+            output = P.response_output(msg_id, content, calls, finish)
+            return web.json_response(P.response_object(rid, r.model_name, body, created, output, finish, use))
         finally:
             r.in_flight -= 1
             r.metrics.in_flight.set(r.in_flight)
 
-    async def _responses_stream(self, request, rid, msg_id, created, body, reqs, arrival, endpoint):
-        """The Responses API's typed events: created, in_progress, output_item.added,
-        content_part.added, output_text.delta ..., output_text.done, content_part.done,
-        output_item.done, then completed (or incomplete); an error event if the request fails."""
+    async def _responses_stream(self, request, rid, msg_id, created, body, plan, reqs, arrival, endpoint):
+        """The Responses API's typed events: created, in_progress, then for the message
+        output_item.added, content_part.added, output_text.delta ..., output_text.done,
+        content_part.done, output_item.done; for each tool call output_item.added,
+        function_call_arguments.delta, .done, output_item.done; then completed (or incomplete);
+        an error event if the request fails. Without tools the message opens at once (its text
+        may be empty); with tools it opens at the first text that is not a call (for "auto",
+        streamed as it comes), and the calls follow when the answer has ended."""
         r = self.router
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -395,27 +410,56 @@ class OpenAIServer:
             await resp.write(f"event: {kind}\ndata: ".encode() + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
 
         where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
-        text, finish, last = "", None, {}
+        opened = False
+
+        async def say(piece: str) -> None:
+            nonlocal opened
+            if not opened:
+                opened = True
+                await event("response.output_item.added", output_index=0, item={
+                    "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
+                await event("response.content_part.added", **where,
+                            part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            if piece:
+                await event("response.output_text.delta", **where, delta=piece, logprobs=[])
+
+        text, shown, finish, last = "", "", None, {}
+        ts = plan.stream() if plan is not None and plan.mode == "auto" else None
         try:
-            pending = P.response_object(rid, msg_id, r.model_name, body, created, "", None, None)
+            pending = P.response_object(rid, r.model_name, body, created, [], None, None)
             await event("response.created", response=pending)
             await event("response.in_progress", response=pending)
-            await event("response.output_item.added", output_index=0, item={
-                "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
-            await event("response.content_part.added", **where,
-                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+            if plan is None:
+                await say("")
             async for _, d in self._run_choices(reqs, arrival):
                 last[0] = d
                 finish = d.finish_reason if d.finished else finish
-                if d.text:
-                    text += d.text
-                    await event("response.output_text.delta", **where, delta=d.text, logprobs=[])
+                text += d.text
+                piece = d.text if plan is None else (ts.feed(d.text) if ts is not None else "")
+                if piece:
+                    shown += piece
+                    await say(piece)
             use = self._usage(reqs, last)
-            final = P.response_object(rid, msg_id, r.model_name, body, created, text, finish, use)
-            part = final["output"][0]["content"][0]
-            await event("response.output_text.done", **where, text=text, logprobs=[])
-            await event("response.content_part.done", **where, part=part)
-            await event("response.output_item.done", output_index=0, item=final["output"][0])
+            content, calls, _ = plan.answer(text, finish, call_id) if plan is not None else (text, None, finish)
+            if content and len(content) > len(shown):  # what was held back (or all of it, for forced calls)
+                await say(content[len(shown):])
+            output = P.response_output(msg_id, content if opened else None, calls, finish)
+            final = P.response_object(rid, r.model_name, body, created, output, finish, use)
+            k = 0
+            if opened:
+                part = final["output"][0]["content"][0]
+                await event("response.output_text.done", **where, text=part["text"], logprobs=[])
+                await event("response.content_part.done", **where, part=part)
+                await event("response.output_item.done", output_index=0, item=final["output"][0])
+                k = 1
+            for i, item in enumerate(final["output"][k:], start=k):
+                await event("response.output_item.added", output_index=i, item={**item, "arguments": "",
+                                                                               "status": "in_progress"})
+                await event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                            delta=item["arguments"])
+                await event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                            arguments=item["arguments"])
+                await event("response.output_item.done", output_index=i, item=item)
             await event("response.completed" if final["status"] == "completed" else "response.incomplete",
                         response=final)
             self._record(use, arrival)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -202,7 +203,6 @@ def test_structured_outputs_equal_engine(served, engine):
     import re
     from typing import Literal
 
-    import jsonschema
     import pydantic
 
     from tests.engine.test_structured import ASK, PERSON
@@ -262,7 +262,6 @@ def test_tool_calls_equal_engine(served, engine):
     the official client: the calls' arguments fit their tools' schemas (jsonschema) and are the
     text one engine makes under the same constraint; a conversation carrying the calls and their
     results goes on; "auto" (which needs a model-specific parser) is refused with 400."""
-    import jsonschema
 
     from lmdisagg.router.protocol import Tool, ToolPlan
     c = served.client()
@@ -373,6 +372,18 @@ def test_auto_tool_choice_reads_the_models_calls(local_ray, engine):
         assert not "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
         assert [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason] == ["tool_calls"]
         assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+        # the Responses API: the earlier call as a function_call input item, the new one as a
+        # function_call output item (streamed: the message never opens)
+        items = [shot[0], {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                           "arguments": call_of("Paris")["function"]["arguments"]}, ask[-1]]
+        rkw = dict(model=MODEL, input=items, tools=[{"type": "function", **WEATHER["function"]}], temperature=0,
+                   max_output_tokens=60)
+        r = c.responses.create(**rkw)
+        assert [(o.type, o.name, json.loads(o.arguments)) for o in r.output] == [("function_call", *expected[0])]
+        assert r.usage.input_tokens == want.prompt_tokens and r.usage.output_tokens == len(want.token_ids)
+        events = list(c.responses.create(stream=True, **rkw))
+        assert "response.content_part.added" not in [e.type for e in events]
+        assert [(o.name, json.loads(o.arguments)) for o in events[-1].response.output] == expected
         # the next turn: the call and its result, rendered by the template
         call = c.chat.completions.create(messages=ask, **kw).choices[0].message.tool_calls[0]
         result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}
@@ -466,8 +477,51 @@ def test_responses_api_equals_engine(served, engine):
     r = c.responses.create(model=MODEL, input=ASK[0]["content"], max_output_tokens=80, temperature=0,
                            text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}})
     assert r.output_text == ref(engine, ASK[0]["content"], 80, chat=True, structured=("json", PERSON)).text
+    # function tools, forced: the calls the chat endpoint makes for the same conversation (its
+    # test holds them to one engine's), as function_call items, streamed or not
+    rtool = {"type": "function", **WEATHER["function"]}
+    ask = "What is the weather in Rome?"
+    kw = dict(model=MODEL, input=ask, tools=[rtool], temperature=0, max_output_tokens=60)
+    for choice, chat_choice in (("required", "required"),
+                                ({"type": "function", "name": "get_weather"}, {"type": "function",
+                                                                              "function": {"name": "get_weather"}})):
+        chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ask}], tools=[WEATHER],
+                                         tool_choice=chat_choice, temperature=0, max_tokens=60)
+        want = [(t.function.name, t.function.arguments) for t in chat.choices[0].message.tool_calls]
+        r = c.responses.create(tool_choice=choice, **kw)
+        assert [(o.type, o.name, o.arguments) for o in r.output] == [("function_call", *w) for w in want]
+        assert r.status == "completed" and r.output[0].call_id.startswith("call_") and r.tool_choice
+        jsonschema.validate(json.loads(want[0][1]), WEATHER["function"]["parameters"])
+        events = list(c.responses.create(tool_choice=choice, stream=True, **kw))
+        kinds = [e.type for e in events]
+        assert kinds == ["response.created", "response.in_progress"] + [
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.done", "response.output_item.done"] * len(want) + ["response.completed"]
+        assert [(e.item.name, e.item.arguments) for e in events if e.type == "response.output_item.done"] == want
+        assert [e.delta for e in events if e.type == "response.function_call_arguments.delta"] == [a for _, a in want]
+        assert [(o.name, o.arguments) for o in events[-1].response.output] == want
+    # the next turn: the call and its output as input items, answered in words (as chat answers
+    # the same conversation)
+    call = r.output[0]
+    result = '{"temperature": 21, "sky": "clear"}'
+    items = [{"role": "user", "content": ask},
+             {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+             {"type": "function_call_output", "call_id": call.call_id, "output": result}]
+    r = c.responses.create(model=MODEL, input=items, tools=[rtool], tool_choice="none", temperature=0,
+                           max_output_tokens=30)
+    chat = c.chat.completions.create(model=MODEL, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=30,
+                                     messages=[{"role": "user", "content": ask},
+                                               {"role": "assistant", "content": None, "tool_calls": [
+                                                   {"id": call.call_id, "type": "function",
+                                                    "function": {"name": call.name, "arguments": call.arguments}}]},
+                                               {"role": "tool", "tool_call_id": call.call_id, "content": result}])
+    assert r.output_text == chat.choices[0].message.content and r.usage.input_tokens == chat.usage.prompt_tokens
     for bad in ({"previous_response_id": "resp_x"}, {"background": True},
                 {"tools": [{"type": "web_search"}]}, {"input": [{"type": "function_call_output"}]},
+                {"tools": [rtool]}, {"tools": [rtool], "tool_choice": "sometimes"},  # "auto" needs a parser here
+                {"tools": [{"type": "function", "description": "no name"}], "tool_choice": "required"},
+                {"tools": [rtool], "tool_choice": {"type": "function", "name": "nope"}},
+                {"tools": [rtool], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
                 {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}):
         with pytest.raises(openai.BadRequestError):
             c.responses.create(**{"model": MODEL, "input": "hi", "max_output_tokens": 4, **bad})
