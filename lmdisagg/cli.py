@@ -3,6 +3,7 @@
     lmdisagg model fetch smollm2-135m        download + convert once; prints the model dir last
     lmdisagg model list                      known names and what is cached
     lmdisagg generate --model M --prompt P [--chat] [--max-tokens N] [--temperature T] [--json]
+                      [--json-schema S | --json-object | --regex R | --choice C ... | --grammar G]
     lmdisagg transports [--json]             which KV transports work here, and how they launch
 
 Subcommands of later layers (serve, simulate) register themselves in ``COMMANDS``.
@@ -13,8 +14,9 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from lmdisagg.errors import LmdisaggError
+from lmdisagg.errors import InvalidRequestError, LmdisaggError
 
 
 def _cmd_model(args) -> int:
@@ -36,7 +38,8 @@ def _cmd_generate(args) -> int:
     from lmdisagg.engine import Engine, SamplingParams
     engine = Engine(model=args.model, device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
+                            seed=args.seed, stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos,
+                            structured=_structured(args))
     ids = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else engine.encode(args.prompt)
     r = engine.generate(ids, params)[0]
     if args.json:
@@ -45,6 +48,31 @@ def _cmd_generate(args) -> int:
     else:
         print(r.text)
     return 0
+
+
+def _text_or_file(value: str) -> str:
+    """An option's value, or the contents of the file it names (``@path``)."""
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).expanduser().read_text()
+        except OSError as e:
+            raise InvalidRequestError(f"cannot read {value[1:]}: {e}") from None
+    return value
+
+
+def _structured(args):
+    """SamplingParams.structured from --json-schema / --json-object / --regex / --choice / --grammar."""
+    if args.json_schema is not None:
+        return "json", _text_or_file(args.json_schema)
+    if args.json_object:
+        return "json", ""
+    if args.regex is not None:
+        return "regex", args.regex
+    if args.choice:
+        return "choice", list(args.choice)
+    if args.grammar is not None:
+        return "grammar", _text_or_file(args.grammar)
+    return None
 
 
 def _cmd_transports(args) -> int:
@@ -79,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--chunk-tokens", type=int, default=256)
     g.add_argument("--json", action="store_true", help="print one JSON line")
+    so = g.add_mutually_exclusive_group()  # structured outputs (xgrammar)
+    so.add_argument("--json-schema", metavar="SCHEMA", help="the output fits this JSON schema (text, or @file)")
+    so.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    so.add_argument("--regex", help="the output matches this regular expression")
+    so.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
+    so.add_argument("--grammar", metavar="EBNF", help="the output follows this EBNF grammar (text, or @file)")
     g.set_defaults(func=_cmd_generate)
 
     t = sub.add_parser("transports", help="which KV transports work on this machine, and how they launch")

@@ -118,3 +118,26 @@ def test_ignore_eos_after_a_complete_output_gives_only_stop_tokens(engine):
     assert len(r.token_ids) == len(ref.token_ids) + 6
     assert all(t in engine.eos_token_ids for t in r.token_ids[len(ref.token_ids):])
     jsonschema.validate(json.loads(r.text), PERSON)
+
+
+def test_cli_structured_flags_equal_the_engine(engine, tmp_path):
+    """`lmdisagg generate --json-schema @file` / `--choice` give the engine's constrained output;
+    a constraint that does not compile ends the command with its error, exit code 2."""
+    import subprocess
+    import sys
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lmdisagg.cli", "generate", "--max-tokens", "60", "--json", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    out = cli("--prompt", ASK[0]["content"], "--chat", "--json-schema", f"@{schema}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = engine.generate([ASK], SamplingParams(max_tokens=60, structured=("json", PERSON)), chat=True)[0]
+    assert got["token_ids"] == want.token_ids
+    jsonschema.validate(json.loads(got["text"]), PERSON)
+    out = cli("--prompt", "My favourite colour is", "--choice", "teal", "--choice", "ochre")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"] in ("teal", "ochre")
+    out = cli("--prompt", "hi", "--regex", "(unclosed")
+    assert out.returncode == 2 and "regex" in out.stderr
