@@ -50,6 +50,7 @@ _TEMPLATE_FIELDS = {"messages", "tools", "chat_template", "tokenize", "add_gener
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, every chunk carries the usage so far
 
 
 class _Common(BaseModel):

@@ -273,8 +273,10 @@ class OpenAIServer:
         try:
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                continuous = include_usage and bool(body.stream_options.continuous_usage_stats)
                 return await self._stream(request, rid, reqs, chat, include_usage, arrival, endpoint,
-                                          bool(body.return_token_ids), echo, plan, body.return_tokens_as_token_ids)
+                                          bool(body.return_token_ids), echo, plan, body.return_tokens_as_token_ids,
+                                          continuous)
             return await self._complete(rid, reqs, chat, arrival, endpoint, bool(body.return_token_ids), echo, plan,
                                         body.return_tokens_as_token_ids)
         finally:
@@ -552,17 +554,22 @@ class OpenAIServer:
 
     async def _stream(self, request, rid, reqs, chat, include_usage, arrival, endpoint,
                       return_ids: bool = False, echo: dict | None = None, plan=None,
-                      as_ids: bool = False) -> web.StreamResponse:
+                      as_ids: bool = False, continuous: bool = False) -> web.StreamResponse:
+        """SSE chunks of every choice; ``continuous`` (vLLM's stream_options.continuous_usage_stats):
+        each chunk also carries the usage so far."""
         m = self.router.metrics
         model = self.router.model_name
         created = int(time.time())
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 
+        last = {}
+
         async def send(obj) -> None:
+            if continuous and obj.get("choices"):
+                obj["usage"] = self._usage(reqs, last)
             await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
-        last = {}
         want = reqs[0][1].params.logprobs is not None
         offset = {i: 0 for i, _ in reqs}  # completions' text_offset: characters of token text sent
         tool_state = {}  # tool calls, per choice: the text until the calls are complete, or a ToolStream (auto)
@@ -580,8 +587,9 @@ class OpenAIServer:
                         offset[i] = sum(len(t) for t, _, _ in entries)
                     await send(chunk)
                 if plan is not None:  # tool calls: streamed as OpenAI's delta.tool_calls
-                    await self._stream_tool(send, rid, model, created, plan, i, d, i not in last, tool_state)
+                    first = i not in last
                     last[i] = d
+                    await self._stream_tool(send, rid, model, created, plan, i, d, first, tool_state)
                     continue
                 last[i] = d
                 # a chunk per step that made text, or tokens whose ids or logprobs were asked for

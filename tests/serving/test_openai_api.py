@@ -64,6 +64,16 @@ def test_streamed_equals_unstreamed_equals_engine(served, engine, chat):
     assert usage.prompt_tokens == expected.prompt_tokens == full.usage.prompt_tokens
     assert usage.completion_tokens == len(expected.token_ids) == full.usage.completion_tokens
     assert all(ch.usage is None for ch in chunks[:-1])
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far, counting up to the final one
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    if chat:
+        chunks = list(c.chat.completions.create(messages=msgs, stream=True, stream_options=opts, **kw))
+    else:
+        chunks = list(c.completions.create(prompt=prompt, stream=True, stream_options=opts, **kw))
+    counts = [ch.usage.completion_tokens for ch in chunks]
+    assert all(ch.usage.prompt_tokens == expected.prompt_tokens for ch in chunks)
+    assert counts == sorted(counts) and counts[-1] == len(expected.token_ids)
+    assert counts[0] < counts[-1] or len(expected.token_ids) == 1
 
 
 def test_sampling_options(served, engine):
