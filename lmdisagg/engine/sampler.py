@@ -65,11 +65,27 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence], pinned: torch.Tensor | N
         if constrained:  # structured outputs: their grammars' masks, last (-inf stays -inf)
             apply_masks(logits, constrained, [seqs[i].grammar for i in constrained],
                         [seqs[i].output_token_ids for i in constrained])
-    chosen = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0.0]
+    if len(rows) == len(seqs):  # every row sampled: no argmax, no scatter
+        return to_host(_draw(logits, rows, seqs), pinned)
+    chosen = logits.argmax(dim=-1)
     if rows:
-        chosen[torch.tensor(rows, device=logits.device)] = _draw(logits, rows, seqs)
+        chosen[_on(logits.device, rows, torch.long)] = _draw(logits, rows, seqs)
     return to_host(chosen, pinned)  # one wait for the whole batch
+
+
+def _on(dev: torch.device, vals: list, dtype: torch.dtype) -> torch.Tensor:
+    """A short host list as a tensor on ``dev``, without a host wait: through pinned memory and a
+    non-blocking copy on CUDA (a pageable copy waits for the step's forward to finish, and every
+    sampling kernel after it is then launched onto an idle GPU)."""
+    t = torch.tensor(vals, dtype=dtype)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+
+def _col(dev: torch.device, vals: list):
+    """A per-row value for a product or a comparison: a Python number when every row has the same
+    (one request, or one setting; the same bits as a column), else a [R, 1] column on ``dev``."""
+    return vals[0] if all(v == vals[0] for v in vals) else _on(dev, vals, torch.float32).view(-1, 1)
 
 
 def _draw(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> torch.Tensor:
@@ -79,21 +95,30 @@ def _draw(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> torch.
     ``multinomial`` would) without a host round trip per row."""
     dev = logits.device
     ps = [seqs[i].params for i in rows]
-    col = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev).view(-1, 1)  # noqa: E731
-    probs = torch.softmax(logits[torch.tensor(rows, device=dev)].float() / col([p.temperature for p in ps]), dim=-1)
-    if any(p.min_p > 0.0 for p in ps):  # keeps each row's top token
-        probs = probs * (probs >= col([p.min_p for p in ps]) * probs.amax(-1, keepdim=True))
+    sub = logits if len(rows) == logits.shape[0] else logits[_on(dev, rows, torch.long)]
+    # always a column: a division by a Python number is a multiplication by its reciprocal in
+    # PyTorch, whose last bit may differ, and a row's draw must not depend on its batch
+    temps = _on(dev, [p.temperature for p in ps], torch.float32).view(-1, 1)
+    probs = torch.softmax(sub.float() / temps, dim=-1)
+    min_ps = [p.min_p for p in ps]
+    if any(m > 0.0 for m in min_ps):  # keeps each row's top token
+        probs = probs * (probs >= _col(dev, min_ps) * probs.amax(-1, keepdim=True))
     ks = [p.top_k if 0 < p.top_k < probs.shape[-1] else 0 for p in ps]
     if any(ks):
         kth = probs.topk(max(ks), dim=-1).values  # each row's k-th largest (rows without top_k: kept whole)
-        kth = kth.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev).view(-1, 1))
-        probs = probs * ((probs >= kth) | (col(ks) == 0))
-    if any(p.min_p > 0.0 for p in ps) or any(ks):
+        if all(k == ks[0] for k in ks):
+            probs = probs * (probs >= kth[:, ks[0] - 1:ks[0]])
+        else:
+            kth = kth.gather(1, _on(dev, [max(k, 1) - 1 for k in ks], torch.long).view(-1, 1))
+            probs = probs * ((probs >= kth) | (_on(dev, ks, torch.long).view(-1, 1) == 0))
+    if any(m > 0.0 for m in min_ps) or any(ks):
         probs = probs / probs.sum(-1, keepdim=True)
-    if any(p.top_p < 1.0 for p in ps):
+    top_ps = [p.top_p for p in ps]
+    if any(t < 1.0 for t in top_ps):
         sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p < col([p.top_p for p in ps])) | (col([p.top_p for p in ps]) >= 1.0)
-        probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p * keep)  # always keeps the top token
+        top = _col(dev, top_ps)
+        keep = (sorted_p.cumsum(-1) - sorted_p < top) | (top >= 1.0)  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p * keep)
     race = torch.empty_like(probs)
     for j, i in enumerate(rows):
         gen = seqs[i].generator

@@ -82,3 +82,29 @@ def test_allowed_token_ids_sample_from_those_only(device):
     want = torch.zeros(len(LOGITS))
     want[list(allowed)] = torch.softmax(LOGITS[list(allowed)], -1)
     assert freq[want == 0].sum() == 0 and (freq - want).abs().max() < 0.03, (freq, want)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_rows_draw_does_not_depend_on_its_batch(device):
+    """A seeded request samples the same tokens alone or batched with requests of other settings
+    (a server batches whatever is running; one engine's answer must not change with it)."""
+    from lmdisagg.engine.sampler import _sample
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)).to(device)
+    mine = SamplingParams(temperature=0.7, top_p=0.9, min_p=0.02, top_k=40)
+    others = [SamplingParams(temperature=1.3), SamplingParams(), SamplingParams(temperature=0.7, top_k=5),
+              SamplingParams(temperature=0.2, top_p=0.5)]
+
+    def run(batch: bool) -> list[int]:
+        out = []
+        gen = torch.Generator(device).manual_seed(11)
+        for _ in range(50):
+            seq = Sequence("me", [1], mine, generator=gen)
+            if batch:
+                rest = [Sequence(f"o{i}", [1], p, generator=torch.Generator(device).manual_seed(i))
+                        for i, p in enumerate(others)]
+                out.append(_sample(logits, [rest[0], seq] + rest[1:], None)[1])
+            else:
+                out.append(_sample(logits[1:2], [seq], None)[0])
+        return out
+    alone = run(False)
+    assert alone == run(True) and len(set(alone)) > 3
