@@ -382,6 +382,10 @@ def test_auto_tool_choice_reads_the_models_calls(local_ray, engine):
         assert not "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
         assert [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason] == ["tool_calls"]
         assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+        # n = 2, greedy: each choice is read on its own, both the same call
+        r = c.chat.completions.create(messages=ask, n=2, **kw)
+        assert [[(t.function.name, json.loads(t.function.arguments)) for t in ch.message.tool_calls]
+                for ch in r.choices] == [expected, expected]
         # the Responses API: the earlier call as a function_call input item, the new one as a
         # function_call output item (streamed: the message never opens)
         items = [shot[0], {"type": "function_call", "call_id": "call_1", "name": "get_weather",
@@ -731,6 +735,15 @@ BAD = [
         {"chat_template_kwargs": {"add_generation_prompt": False}},
         {"allowed_token_ids": []}, {"allowed_token_ids": [10 ** 9]}, {"truncate_prompt_tokens": 0},
     ]],
+    # the Responses API's tools and items: malformed ones are refused before any worker runs them
+    *[("responses", json.dumps({"model": MODEL, "input": "hi", "max_output_tokens": 4, **extra}).encode(), 400)
+      for extra in [
+          {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {"a": 1}}]},
+          {"input": [{"type": "function_call_output", "call_id": "c", "output": {"a": 1}}]},
+          {"tools": [{"type": "function", "name": "f", "parameters": "not an object"}], "tool_choice": "required"},
+          {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function"}},
+          {"tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "f"}], "tool_choice": "required"},
+      ]],
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": -2}).encode(), 422),
     ("completions", json.dumps({"model": MODEL, "prompt": "hi", "allowed_token_ids": ["a"]}).encode(), 422),
     ("responses", json.dumps({"model": MODEL, "input": "hi", "text": {"format": "json"}}).encode(), 400),
