@@ -31,8 +31,8 @@ _NEUTRAL = {
     "echo": lambda v: not v,                                      # vLLM's chat echo (completions: a field)
     "web_search_options": lambda v: v is None,
     # vLLM's: a request's own chat template (vLLM too refuses it by default), beam search, spaces
-    # around special tokens (slow tokenizers only), priority scheduling, per-request logits processors, RAG documents,
-    # multimodal options
+    # around special tokens (slow tokenizers only), priority scheduling, per-request logits
+    # processors, RAG documents, multimodal options
     "chat_template": lambda v: v is None,
     "use_beam_search": lambda v: not v,
     "length_penalty": lambda v: v in (None, 1, 1.0),
@@ -74,7 +74,7 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM extensions from here: keep the prompt's
-    #                                          last k tokens (-1: the model's length)
+    #                                          last k tokens (-1: what the context leaves after max_tokens)
     allowed_token_ids: list[int] | None = None  # sample only among these
     return_tokens_as_token_ids: bool = False   # logprobs name tokens "token_id:N"
     cache_salt: str | None = None              # prefix-cache chunks shared only with the same salt
@@ -126,14 +126,15 @@ class _Common(BaseModel):
             raise InvalidRequestError("allowed_token_ids must name at least one token", param="allowed_token_ids")
         return {k: v for k, v in out.items() if v is not None}
 
-    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
-        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM; -1: as many as the model takes)."""
+    def truncate(self, ids: list[int], room: int) -> list[int]:
+        """The prompt's last ``truncate_prompt_tokens`` tokens (vLLM); -1: the last ``room`` (the
+        context less max_tokens, or less one token when max_tokens is unset)."""
         k = self.truncate_prompt_tokens
         if k is None:
             return ids
         if k == 0:
             raise InvalidRequestError("truncate_prompt_tokens must be -1 or at least 1", param="truncate_prompt_tokens")
-        k = max_model_len if k == -1 else k
+        k = max(1, room) if k == -1 else k
         return ids[-k:] if len(ids) > k else ids
 
     def logprob_count(self) -> int | None:
@@ -453,19 +454,24 @@ class ResponsesRequest(BaseModel):
                                           "web_search or file_search)", param="tools")
             try:
                 out.append(Tool(type="function", function=FunctionDef(**{k: v for k, v in t.items() if k != "type"})))
-            except (ValidationError, TypeError) as e:
-                raise InvalidRequestError(f"a function tool needs a name and a parameters object: {e}",
+            except ValidationError as e:
+                first = e.errors()[0]
+                raise InvalidRequestError(f"function tool {'.'.join(map(str, first['loc']))}: {first['msg']}",
                                           param="tools") from None
+            except TypeError as e:
+                raise InvalidRequestError(f"a function tool's fields must be named: {e}", param="tools") from None
         return out
 
-    def tool_plan(self, parser=None) -> ToolPlan | None:
+    def tool_plan(self, parser=None, tools: list[Tool] | None = None) -> ToolPlan | None:
+        """``tools``: chat_tools(), when the caller has them already."""
         choice = self.tool_choice
         if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
             choice = {"type": "function", "function": {"name": choice.get("name")}}  # the Responses API's shape
         elif choice is not None and not isinstance(choice, dict) and choice not in ("none", "auto", "required"):
             raise InvalidRequestError('tool_choice must be none, auto, required or {"type": "function", "name": ...}',
                                       param="tool_choice")
-        return make_tool_plan(self.chat_tools(), choice, self.parallel_tool_calls, parser)
+        return make_tool_plan(tools if tools is not None else self.chat_tools(), choice, self.parallel_tool_calls,
+                              parser)
 
     def messages(self) -> list[dict]:
         """The chat messages: instructions as the system message, then the input (function_call

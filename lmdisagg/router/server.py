@@ -229,7 +229,7 @@ class OpenAIServer:
         else:
             prompts = [r.encode_prompt(p) for p in body.prompts()]
             max_tokens = body.max_tokens if body.max_tokens is not None else 16
-        prompts = [body.truncate(ids, r.max_model_len) for ids in prompts]
+        prompts = [body.truncate(ids, r.max_model_len - (max_tokens or 1)) for ids in prompts]
         logprobs = body.logprob_count()
         prompt_logprobs = None if chat else body.prompt_logprob_count()
         processing = body.processing()
@@ -350,8 +350,8 @@ class OpenAIServer:
         try:
             body = await self._parse_model(request, P.ResponsesRequest)
             body.check_supported()
-            plan = body.tool_plan(r.tool_parser)
             tools = body.chat_tools()
+            plan = body.tool_plan(r.tool_parser, tools)
             ids = r.encode_chat(body.messages(), tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None)
             structured = body.structured()
             if plan is not None and plan.structured is not None:  # a forced call: constrained to the tools' schemas

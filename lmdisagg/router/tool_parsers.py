@@ -42,10 +42,10 @@ class ToolParser:
     anywhere = False  # hermes: a call may follow content; the others: the answer starts with it
     keep_special = False  # the marker is a special token: the text keeps special tokens (as vLLM)
 
-    def call_start(self, text: str) -> int | None:
-        """Where a call begins in ``text`` (None: none yet)."""
+    def call_start(self, text: str, frm: int = 0) -> int | None:
+        """Where a call begins in ``text`` (None: none yet); ``frm``: none begins before it."""
         if self.anywhere:
-            found = [i for i in (text.find(m) for m in self.markers) if i >= 0]
+            found = [i for i in (text.find(m, frm) for m in self.markers) if i >= 0]
             return min(found) if found else None
         s = text.lstrip()
         return len(text) - len(s) if s.startswith(self.markers) else None
@@ -162,24 +162,30 @@ class ToolStream:
         self.sent = 0  # characters of text already given out as content
         self.start: int | None = None  # where a call begins
         self.decided = False  # a parser whose calls open the answer has seen its first character
+        self.words = -1  # where the first non-whitespace character is (-1: none yet)
+        self._marker = max(map(len, parser.markers))
 
     def feed(self, delta: str) -> str:
-        """The content that can be shown now."""
+        """The content that can be shown now (each call looks only at the new text and the few
+        characters before it that a marker could start in)."""
+        old = len(self.text)
         self.text += delta
+        if self.words < 0 and delta.strip():
+            self.words = old + len(delta) - len(delta.lstrip())
         if self.start is not None:
             return ""
         if not self.p.anywhere and self.decided:
             return self._give(len(self.text))
-        self.start = self.p.call_start(self.text)
+        self.start = self.p.call_start(self.text, max(0, old - self._marker + 1))
         if self.start is not None:
             return self._give(self.start)
-        if not self.p.anywhere and self.text.strip():
-            if self.p.held(self.text) == 0:
-                self.decided = True  # the answer is content
-        return self._give(len(self.text) - self.p.held(self.text))
+        held = self.p.held(self.text[-self._marker:] if self.p.anywhere else self.text)
+        if not self.p.anywhere and self.words >= 0 and held == 0:
+            self.decided = True  # the answer is content
+        return self._give(len(self.text) - held)
 
     def _give(self, end: int) -> str:
-        if end <= self.sent or not self.text[:end].strip():  # leading whitespace waits for words
+        if end <= self.sent or not 0 <= self.words < end:  # leading whitespace waits for words
             return ""
         out, self.sent = self.text[self.sent:end], end
         return out

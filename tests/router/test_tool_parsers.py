@@ -143,3 +143,4 @@ def test_chat_template_from_a_file_or_inline_and_refused_when_neither(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lmdisagg.cli", "serve", "--config", config, "--chat-template",
                           str(tmp_path / "missing.jinja")], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "missing.jinja" in out.stdout + out.stderr
+
