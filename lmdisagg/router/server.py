@@ -574,11 +574,12 @@ class OpenAIServer:
         offset = {i: 0 for i, _ in reqs}  # completions' text_offset: characters of token text sent
         tool_state = {}  # tool calls, per choice: the text until the calls are complete, or a ToolStream (auto)
         try:
-            if chat:
-                for i, _ in reqs:
-                    await send(P.stream_chunk(rid, model, i, "", None, chat, role=True, created=created))
             prompt_of = dict(reqs)
             async for i, d in self._run_choices(reqs, arrival):
+                # a choice's role chunk goes out with its first token, as vLLM's does: benchmark
+                # clients (vllm bench serve, ...) take the first chunk as the first token
+                if chat and i not in last:
+                    await send(P.stream_chunk(rid, model, i, "", None, chat, role=True, created=created))
                 if echo and i not in last:  # the echoed prompt first, with its logprobs if asked
                     chunk = P.stream_chunk(rid, model, i, echo[i], None, chat, created=created)
                     if want:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 import jsonschema
@@ -74,6 +75,30 @@ def test_streamed_equals_unstreamed_equals_engine(served, engine, chat):
     assert all(ch.usage.prompt_tokens == expected.prompt_tokens for ch in chunks)
     assert counts == sorted(counts) and counts[-1] == len(expected.token_ids)
     assert counts[0] < counts[-1] or len(expected.token_ids) == 1
+
+
+def test_first_chunk_comes_with_the_first_token(served):
+    # benchmark clients (vllm bench serve, ...) time the first token by the first chunk with
+    # choices: a role chunk sent before the prefill has run would make TTFT read ~0
+    c = served.client()
+    nonce = time.time_ns()
+    words = " ".join(f"item{(nonce + k) % 9973}" for k in range(150))  # a prompt no cache holds
+    t0 = time.perf_counter()
+    first = content = None
+    roles = []
+    for ch in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": words}], max_tokens=4,
+                                        n=2, temperature=0, stream=True):
+        now = time.perf_counter() - t0
+        for choice in ch.choices:
+            first = now if first is None else first
+            if choice.delta.role:
+                roles.append(choice.index)
+            elif choice.delta.content and content is None:
+                content = now
+                assert choice.index in roles  # each choice's role chunk comes before its text
+    assert sorted(roles) == [0, 1]
+    assert content is not None and content > 0.2  # a prefill of ~600 tokens on the CPU
+    assert first >= 0.8 * content, (first, content)
 
 
 def test_sampling_options(served, engine):
