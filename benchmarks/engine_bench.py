@@ -119,6 +119,23 @@ class Runs:
         return batch * new / (self.hf_generate(ids, new + 1) - first)
 
 
+def kv_bytes(model: str, dtype: torch.dtype, batches: list[int], tokens: int) -> int:
+    """A cache that holds the largest decode batch whole (256-token blocks, 2 spare per sequence)."""
+    from lmdisagg.models import resolve_model
+    cfg = json.loads((resolve_model(model, fetch=False).path / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * dtype.itemsize
+    return max(batches) * (-(-tokens // 256) + 2) * 256 * per_token
+
+
+def decode_attention(engine) -> str:
+    """Which decode attention the engine ran."""
+    att = engine.runner.model.attention
+    if engine.runner.triton:
+        return "triton"
+    return "cpu C++ paged (lmdisagg.kernels.cpu_attention)" if att.paged_decode else "torch (gather + matmul/SDPA)"
+
+
 def matmul_peak(device: str) -> float:
     """TFLOP/s of an 8192^3 bf16 matmul: mean of 10 after 3 warm-ups."""
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -148,6 +165,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-graphs", action="store_true", help="ours without CUDA graphs")
+    ap.add_argument("--decode-prompt", type=int, default=None, help="prompt tokens of the decode runs "
+                    "(default: 512 on cuda, 128 on cpu)")
+    ap.add_argument("--decode-new", type=int, default=None, help="timed decode steps (default: 64 cuda, 32 cpu)")
+    ap.add_argument("--batches", default="1,16", help="decode batch sizes, comma-separated")
+    ap.add_argument("--prefill", default=None, help="prefill lengths, comma-separated ('' for none)")
+    ap.add_argument("--suffix", default="", help="appended to the result file's name")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     model = args.model or ("llama-3-8b-dummy" if cuda else "smollm2-135m")
@@ -156,12 +179,17 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     prefill_lens = [512, 2048, 8192] if cuda else [512, 2048]
+    if args.prefill is not None:
+        prefill_lens = [int(x) for x in args.prefill.split(",") if x]
     prompt, new = (512, 64) if cuda else (128, 32)
-    batches = [1, 16]
+    prompt, new = args.decode_prompt or prompt, args.decode_new or new
+    batches = [int(x) for x in args.batches.split(",")]
 
     peak = matmul_peak("cuda") if cuda else None
-    engine = Engine(model=model, device=args.device, dtype=args.dtype, kv_cache_bytes=(4 << 30) if cuda else (256 << 20),
-                    max_num_seqs=16, max_model_len=max(prefill_lens) + 128, cuda_graphs=not args.no_graphs)
+    engine = Engine(model=model, device=args.device, dtype=args.dtype,
+                    kv_cache_bytes=(4 << 30) if cuda else max(256 << 20, kv_bytes(model, dtype, batches, prompt + new)),
+                    max_num_seqs=max(16, *batches), max_model_len=max(prefill_lens + [prompt + new]) + 128,
+                    cuda_graphs=not args.no_graphs)
     # steady state: a serving engine has long since touched every page of its (lazily zeroed, on
     # CPU) cache; first-touch page faults would otherwise be charged to the timed prefills
     engine.kv_buffer.zero_()
@@ -188,7 +216,7 @@ def main() -> None:
     rows = [(n, max(o), max(h), u) for n, o, h, u in rows]
 
     mfu = None
-    if cuda:
+    if cuda and prefill_lens:
         t = max(prefill_lens) / rows[len(prefill_lens) - 1][1]
         mfu = prefill_flops(engine.model_config, max(prefill_lens)) / t / 1e12 / peak
     desc, tag = hardware(args.device)
@@ -197,7 +225,7 @@ def main() -> None:
     print(f"{'metric':<20}{'ours':>12}{'HF':>12}{'ours/HF':>10}")
     for name, o, h, unit in rows:
         print(f"{name:<20}{o:>12.1f}{h:>12.1f}{o / h:>9.2f}x   {unit}")
-    if cuda:
+    if cuda and prefill_lens:
         print(f"bf16 matmul peak {peak:.0f} TFLOP/s; prefill {max(prefill_lens)} MFU {100 * mfu:.1f}% of it; "
               f"decode batch 1 step {1000 / rows[len(prefill_lens)][1]:.2f} ms (ours) vs "
               f"{1000 / rows[len(prefill_lens)][2]:.2f} ms (HF)")
@@ -207,6 +235,7 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "load_avg_start_end": [load0, os.getloadavg()[0]], "cuda_graphs": cuda and not args.no_graphs,
         "decode_prompt_tokens": prompt, "decode_new_tokens": new, "rounds": args.rounds,
+        "decode_attention": decode_attention(engine),
         "results": [{"metric": n, "ours": o, "hf": h, "ratio": o / h, "unit": u,
                      "ours_rounds": samples[n][0], "hf_rounds": samples[n][1]} for n, o, h, u in rows],
         "bf16_matmul_peak_tflops": peak, "prefill_mfu": mfu,
@@ -214,7 +243,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine_{tag}{f'-{args.threads}thread' if args.threads else ''}.json"
+    path = out / f"engine_{tag}{f'-{args.threads}thread' if args.threads else ''}{args.suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -81,7 +81,12 @@ class AttentionMetadata:
 class TorchAttention:
     """The plain-PyTorch backend. fp32 runs exactly the ops HF runs (SDPA) so greedy tokens match
     HF bit for bit on CPU; other dtypes compute decode attention in fp32 matmuls, which on CPU is
-    several times faster than SDPA's bf16 kernel for one query token."""
+    several times faster than SDPA's bf16 kernel for one query token. With ``paged_decode`` (bf16
+    / fp16 on CPU, where the C++ kernel builds), decode reads K and V in place from the cache
+    (lmdisagg.kernels.cpu_attention) instead of gathering them."""
+
+    def __init__(self, paged_decode: bool = False):
+        self.paged_decode = paged_decode
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  layer: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -138,6 +143,9 @@ class TorchAttention:
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: AttentionMetadata):
         # q: [B, Hq, D] -> [B, Hq, D]; each sequence's blocks gathered whole, cut to the longest context
         b, hq, d = q.shape
+        if self.paged_decode:
+            from lmdisagg.kernels.cpu_attention import paged_decode
+            return paged_decode(q, kv_cache, layer, meta.decode_block_tables, meta.decode_ctx_lens, d ** -0.5)
         t, hkv = kv_cache.shape[3], kv_cache.shape[4]
         s = meta.decode_max_ctx
         nb = meta.decode_gather.numel() // b
@@ -159,6 +167,7 @@ class TritonAttention(TorchAttention):
     """CUDA backend: Triton kernels for the KV write and decode, SDPA for prefill."""
 
     def __init__(self, max_model_len: int):
+        super().__init__()
         from lmdisagg.kernels.decode_attention import max_splits, paged_decode_attention
         from lmdisagg.kernels.kv_write import write_kv
         from lmdisagg.kernels.prefill_attention import paged_prefill_attention

@@ -70,6 +70,10 @@ class ModelRunner:
             from lmdisagg.kernels.cpu_linear import can_pack
             if can_pack(dtype, device):
                 model.pack_linear_weights()
+            if dtype != torch.float32:  # fp32 keeps SDPA: HF's exact numerics
+                from lmdisagg.kernels import cpu_attention
+                if cpu_attention.available():
+                    self.set_attention("cpu")
         # Triton launches on the current device: steps run with the engine's device current
         # (an engine on cuda:1 in a process whose current device is cuda:0)
         self._on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -84,10 +88,12 @@ class ModelRunner:
                 self.prefill_graphs.capture()
 
     def set_attention(self, kind: str) -> None:
-        """"torch" or "triton" attention backend (CUDA picks triton; tests also run triton on CPU
-        through Triton's interpreter). Call before the first step."""
+        """"torch", "cpu" (torch with the C++ paged decode of lmdisagg.kernels.cpu_attention) or
+        "triton" attention backend (CUDA picks triton, bf16 / fp16 on CPU "cpu"; tests also run
+        triton on CPU through Triton's interpreter). Call before the first step."""
         from lmdisagg.engine.attention import TritonAttention
-        self.model.attention = TritonAttention(self.max_model_len) if kind == "triton" else TorchAttention()
+        self.model.attention = TritonAttention(self.max_model_len) if kind == "triton" \
+            else TorchAttention(paged_decode=kind == "cpu")
         self.triton = kind == "triton"
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -183,7 +189,7 @@ class ModelRunner:
         if self.triton:
             from lmdisagg.kernels.decode_attention import PART
             meta.decode_num_splits = -(-max_ctx // PART)
-        else:
+        elif not self.model.attention.paged_decode:  # the PyTorch decode gathers and masks
             nb = -(-max_ctx // t)
             meta.decode_gather = tables[:, :nb].reshape(-1)
             span = torch.arange(max_ctx, device=self.device)
