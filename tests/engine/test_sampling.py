@@ -108,3 +108,36 @@ def test_a_rows_draw_does_not_depend_on_its_batch(device):
         return out
     alone = run(False)
     assert alone == run(True) and len(set(alone)) > 3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_top_p_over_a_large_vocabulary(device):
+    """top_p on a vocabulary larger than the candidates a CPU takes before sorting (256): a peaked
+    row's nucleus lies among them, a flat row's does not (then the whole row is sorted), and a
+    row without top_p in the same batch still draws from its whole vocabulary."""
+    from lmdisagg.engine.sampler import _NUCLEUS_K
+    v, n = 2000, 6000
+    peaked = torch.full((v,), -8.0)
+    peaked[:40] = torch.linspace(3.0, 0.0, 40)  # its 0.9 nucleus: a few of the first 40
+    flat = torch.zeros(v)                        # its 0.9 nucleus: 1800 tokens
+    assert v > _NUCLEUS_K
+    cases = [(peaked, SamplingParams(temperature=1.0, top_p=0.9)),
+             (flat, SamplingParams(temperature=1.0, top_p=0.9)),
+             (flat, SamplingParams(temperature=1.0))]
+    logits = torch.stack([c[0] for c in cases]).repeat(n, 1).to(device)
+    gens = [torch.Generator(device).manual_seed(s) for s in range(3)]
+    seqs = [Sequence(f"s{j}", [1], p, generator=gens[j]) for j, (_, p) in enumerate(cases)] * n
+    drawn = _draw(logits, list(range(3 * n)), seqs).view(n, 3).cpu()
+    p = torch.softmax(peaked, -1)
+    order = p.argsort(descending=True)
+    kept = order[:int(((p[order].cumsum(0) - p[order]) < 0.9).sum())]
+    assert set(drawn[:, 0].tolist()) <= set(kept.tolist())
+    freq = torch.bincount(drawn[:, 0], minlength=v).float() / n
+    want = torch.zeros(v)
+    want[kept] = p[kept] / p[kept].sum()
+    assert (freq - want).abs().max() < 0.03
+    # flat: 1800 equally likely tokens (which ones is the sort's choice among ties; one more if
+    # rounding leaves the mass before the 1801st under 0.9), never the rest: 6000 draws from 1800
+    # show ~1736 of them, from all 2000 ~1900
+    assert 1650 < len(set(drawn[:, 1].tolist())) <= 1801
+    assert len(set(drawn[:, 2].tolist())) > 1801
