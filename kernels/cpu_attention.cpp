@@ -18,7 +18,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -53,8 +52,8 @@ inline float exp_nonpositive(float x) {
 }
 
 // One (sequence, KV head): out[G, D] = softmax(q[G, D] . K[n, D]^T) V[n, D]. DC, GC > 0: D and G
-// fixed at compile time (the common head shapes: loops unroll, q and the sums stay in registers);
-// 0: taken from d, g at run time.
+// fixed at compile time (the common head shapes: the loops over them unroll and vectorize whole);
+// 0: taken from d, g. The context is walked block by block (no division per token).
 template <typename T, int DC, int GC>
 void item(const T* q, const T* cache, const int64_t* table, int64_t n, int64_t Tb, int64_t row, int64_t stride,
           float scale, int64_t d, int64_t g, T* o, std::vector<float>& buf) {
@@ -157,6 +156,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& cache, int64_t la
   TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "paged_decode: q and cache differ in dtype");
   TORCH_CHECK(q.size(2) == cache.size(5) && q.size(1) % cache.size(4) == 0, "paged_decode: head shapes differ");
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "paged_decode: int64 tables and lens");
+  TORCH_CHECK(tables.dim() == 2 && lens.dim() == 1, "paged_decode: tables [B, MB], lens [B]");
   TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0), "paged_decode: one table and length per row");
   TORCH_CHECK(layer >= 0 && layer < cache.size(1), "paged_decode: layer out of range");
   TORCH_CHECK(cache.is_contiguous(), "paged_decode: the cache must be contiguous");
