@@ -2,6 +2,7 @@
 
     python benchmarks/engine_bench.py                                  # CPU: SmolLM2-135M bf16
     python benchmarks/engine_bench.py --device cuda --model llama-3-8b-dummy --out DIR
+    python benchmarks/engine_bench.py --prefill "" --decode-prompt 512 --batches 1,16,32 --suffix=-ctx512
 
 Prefill: one request of L random tokens, prompt -> first token (ours: one step with max_tokens=1;
 HF: generate(max_new_tokens=1), its prefill step with logits of the last token only).

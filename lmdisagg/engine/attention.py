@@ -87,6 +87,9 @@ class TorchAttention:
 
     def __init__(self, paged_decode: bool = False):
         self.paged_decode = paged_decode
+        if paged_decode:  # bound once: decode calls it for every layer of every step
+            from lmdisagg.kernels.cpu_attention import paged_decode as kernel
+            self._paged_decode = kernel
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  layer: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -144,8 +147,7 @@ class TorchAttention:
         # q: [B, Hq, D] -> [B, Hq, D]; each sequence's blocks gathered whole, cut to the longest context
         b, hq, d = q.shape
         if self.paged_decode:
-            from lmdisagg.kernels.cpu_attention import paged_decode
-            return paged_decode(q, kv_cache, layer, meta.decode_block_tables, meta.decode_ctx_lens, d ** -0.5)
+            return self._paged_decode(q, kv_cache, layer, meta.decode_block_tables, meta.decode_ctx_lens, d ** -0.5)
         t, hkv = kv_cache.shape[3], kv_cache.shape[4]
         s = meta.decode_max_ctx
         nb = meta.decode_gather.numel() // b

@@ -92,6 +92,10 @@ class ModelRunner:
         "triton" attention backend (CUDA picks triton, bf16 / fp16 on CPU "cpu"; tests also run
         triton on CPU through Triton's interpreter). Call before the first step."""
         from lmdisagg.engine.attention import TritonAttention
+        if kind == "cpu":
+            from lmdisagg.kernels import cpu_attention
+            if not cpu_attention.available():
+                raise RuntimeError(f"the CPU paged decode attention is unavailable: {cpu_attention.why_not()}")
         self.model.attention = TritonAttention(self.max_model_len) if kind == "triton" \
             else TorchAttention(paged_decode=kind == "cpu")
         self.triton = kind == "triton"

@@ -358,10 +358,16 @@ def test_truncated_descriptor_fails(medium, peer, local):
 
 def test_close_releases_everything(medium):
     # in a process of its own (close_round.py says why): nothing else there opens fds or threads
-    out = subprocess.run([sys.executable, "-m", "tests.transports.close_round", medium], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-4000:]
-    left = json.loads(out.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-m", "tests.transports.close_round", medium], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a hang fails the test, and takes its peer processes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
+    left = json.loads(stdout.strip().splitlines()[-1])
     if medium in GPU_FAST:  # the peer's CUDA driver threads start lazily and stay: not ours
         left["peer"].pop("tasks", None)
     assert left["peer"] == {}  # nothing left in the peer
