@@ -7,13 +7,13 @@ Importing this package loads no torch, CUDA, NCCL or RDMA library; a transport's
 imported when it is created.
 """
 from lmdisagg.transports.base import (
-    Buffer, BufferDesc, ChunkDesc, PeerLostError, Transfer, TransferAbortedError,
+    Buffer, BufferDesc, ChunkDesc, PeerLostError, PushTicket, Transfer, TransferAbortedError,
     TransferCorruptError, TransferError, TransferState, TransferTimeoutError, Transport,
 )
 from lmdisagg.transports.registry import TRANSPORTS, available_transports, create_transport, transport_class
 
 __all__ = [
-    "Buffer", "BufferDesc", "ChunkDesc", "PeerLostError", "Transfer", "TransferAbortedError",
+    "Buffer", "BufferDesc", "ChunkDesc", "PeerLostError", "PushTicket", "Transfer", "TransferAbortedError",
     "TransferCorruptError", "TransferError", "TransferState", "TransferTimeoutError", "Transport",
     "TRANSPORTS", "available_transports", "create_transport", "transport_class",
 ]

@@ -19,6 +19,17 @@ picklable / msgpack-able)::
     engine.unpin_chunks(ids)  ◀──"done"──
     tx.close()                                     tx.close()
 
+Media with ``supports_push`` (two-sided ones: nccl) can also push, the destination posting its
+receives before the source has the bytes (as SGLang's and Mooncake's decode sides reserve
+blocks before the prefill runs)::
+
+    source                                         destination
+    ------                                         -----------
+                                                   blocks = engine.reserve_chunks(keys)
+                                     ◀──ticket──   x = tx.expect(src.desc, dst, blocks, nbytes)
+    y = tx.push(ticket, src, ids)  # after queueing the work that writes ids
+    y.wait(timeout)  # the bytes left               x.wait(timeout)  # the bytes landed
+
 A transfer is a small state machine (like SGLang's KVPoll)::
 
     PENDING ──▶ TRANSFERRING ──▶ DONE
@@ -57,7 +68,7 @@ if TYPE_CHECKING:  # torch is imported by the transports that need it, never by 
     import torch
 
 __all__ = [
-    "Buffer", "BufferDesc", "ChunkDesc", "PeerLostError", "Transfer", "TransferAbortedError",
+    "Buffer", "BufferDesc", "ChunkDesc", "PeerLostError", "PushTicket", "Transfer", "TransferAbortedError",
     "TransferCorruptError", "TransferError", "TransferState", "TransferTimeoutError", "Transport",
     "failed_transfer",
 ]
@@ -103,6 +114,33 @@ class ChunkDesc:
                    tuple(d["checksums"]))
 
 
+@dataclass(frozen=True)
+class PushTicket:
+    """What a source needs to push into blocks a destination is expecting (``Transport.expect``).
+    Plain values: it travels in any message, as descriptors do."""
+
+    source_agent: str              # the transport that must push (it checks it is addressed)
+    dest_agent: str
+    link: int                      # the destination's connection to the source (an epoch)
+    seq: int                       # pushes of one link land in seq order
+    tag: int                       # medium-specific match key of the first piece
+    block_nbytes: int
+    sizes: tuple[int, ...]         # bytes of each piece the destination posted, in order
+    checksum: bool = False         # the source sends xxh3 of its blocks; the destination checks
+
+    @property
+    def nblocks(self) -> int:
+        return sum(self.sizes) // self.block_nbytes
+
+    def pack(self) -> bytes:
+        return msgpack.packb(asdict(self), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "PushTicket":
+        d = msgpack.unpackb(data, raw=False)
+        return cls(**{**d, "sizes": tuple(d["sizes"])})
+
+
 @dataclass(eq=False)
 class Buffer:
     """A local registration (never sent): the descriptor peers see plus the memory itself."""
@@ -124,6 +162,8 @@ class Transport(abc.ABC):
     before checksums are taken (staging copies, stream syncs)."""
 
     name: ClassVar[str]
+    supports_push: bool = False  # expect / push (two-sided media whose receiver can post first)
+    why_no_push = "its destinations pull"
 
     def __init__(self, *, checksum: bool = False, drain_timeout_s: float = 10.0):
         self.checksum = checksum  # describe() takes xxh3 of every block; pulls verify them
@@ -228,6 +268,56 @@ class Transport(abc.ABC):
         self._live.add(t)
         return t
 
+    # --- push: the destination posts first, the source sends when its bytes are ready ------------
+    def expect(self, source: BufferDesc, dst: Buffer, dst_block_ids: Sequence[int], block_nbytes: int,
+               checksum: bool | None = None) -> Transfer:
+        """Get ready to receive ``len(dst_block_ids)`` blocks that the transport of ``source`` (a
+        registered buffer's descriptor: it names the peer) will push, before that peer has them.
+        Returns a PENDING transfer at once; hand ``transfer.ticket`` (a ``PushTicket``) to the
+        source, whose ``push`` sends the bytes. DONE, FAILED, ``wait``, ``abort`` and the CUDA
+        stream order are as for ``pull``; an abort tells the source, and returns once nothing
+        more lands. Pushes between two transports land in the order of their ``expect`` calls: a
+        push whose turn has not come waits on the source until the earlier ones are pushed or
+        aborted. ``checksum``: the source sends xxh3 of every block, checked on arrival (default:
+        this transport's setting). Media without ``supports_push`` raise TransferError."""
+        self._check_open()
+        if not self.supports_push:
+            raise TransferError(f"transport {self.name!r} cannot push: {self.why_no_push}")
+        if source.transport != self.name:
+            raise TransferError(f"expect: source from transport {source.transport!r} given to {self.name!r}")
+        ids = check_blocks(dst_block_ids, block_nbytes, dst.desc.nbytes, "expect (destination)")
+        if not ids:
+            raise TransferError("expect: no destination blocks")
+        t = self._expect(source, dst, ids, block_nbytes, self.checksum if checksum is None else checksum)
+        t.drain_timeout_s = self.drain_timeout_s
+        self._live.add(t)
+        return t
+
+    def push(self, ticket: "PushTicket | bytes", src: Buffer, block_ids: Sequence[int]) -> Transfer:
+        """Send blocks of ``src`` into the blocks a destination is expecting (its ``expect``'s
+        ticket, as a PushTicket or packed bytes). Returns at once; the transfer is DONE once
+        every byte has left (the destination's own transfer says when they landed), FAILED if
+        the destination aborted that expectation or was lost. CUDA sources: the bytes are read
+        after the work queued on the caller's current stream when ``push`` is called. Raises
+        TransferError only for misuse: a ticket for another transport, a block count other than
+        the one expected, bad ids."""
+        self._check_open()
+        if not self.supports_push:
+            raise TransferError(f"transport {self.name!r} cannot push: {self.why_no_push}")
+        if isinstance(ticket, (bytes, bytearray)):
+            ticket = PushTicket.unpack(bytes(ticket))
+        if ticket.source_agent != self.agent:
+            raise TransferError(f"push: the ticket is for {ticket.source_agent}, not {self.agent}")
+        if self._buffers.get(src.desc.buffer_id) is not src:
+            raise TransferError(f"push: buffer {src.desc.buffer_id} is not registered with {self.agent}")
+        ids = check_blocks(block_ids, ticket.block_nbytes, src.desc.nbytes, "push (source)")
+        if len(ids) != ticket.nblocks:
+            raise TransferError(f"push: {len(ids)} source blocks but the destination expects {ticket.nblocks}")
+        t = self._push(ticket, src, ids)
+        t.drain_timeout_s = self.drain_timeout_s
+        self._live.add(t)
+        return t
+
     def close(self) -> None:
         """Abort in-flight transfers, then release every resource (segments, handles, sockets,
         threads). Idempotent. Buffers the engine still uses stay valid memory."""
@@ -253,6 +343,13 @@ class Transport(abc.ABC):
 
     def _prepare(self, buf: Buffer, block_ids: tuple[int, ...], block_nbytes: int) -> None:
         pass
+
+    def _expect(self, source: BufferDesc, dst: Buffer, dst_blocks: tuple[int, ...], block_nbytes: int,
+                checksum: bool) -> Transfer:
+        raise NotImplementedError  # supports_push media
+
+    def _push(self, ticket: PushTicket, src: Buffer, block_ids: tuple[int, ...]) -> Transfer:
+        raise NotImplementedError
 
     def _deregister(self, buf: Buffer) -> None:
         pass

@@ -34,8 +34,23 @@ pull finishes it (liveness, checksums → DONE): on NCCL by the threads that pol
 (again no hand-off; the link thread looks every 0.2-1 ms as a backstop), on gloo by the link
 thread, whose waits block.
 
-The source sends nothing unrequested, so abort just stops posting windows and drains the ones in
-flight. A broken control connection (EOF: the peer died or closed) fails the pair's transfers at
+Push (``expect`` / ``push``) runs over a second pair of its own (its own control connection and
+communicator, so pulls never queue behind an expectation), warmed up with one 1-byte message
+asked for first (a receive posted before a fresh communicator's first send hung that send):
+
+    destination  expect: number it (seq), post its receives now, one per run of its blocks;
+                 its ticket carries seq, the piece sizes and the pair's epoch
+    source       push(ticket): in seq order (a push before its turn waits for the earlier
+                 ones), post the sends (read after the caller's queued GPU work), then
+                 → {"op": "pushed", "seq", "ok": true, "sums"}
+    destination  the receives done and the "pushed" message read: DONE (sums checked)
+    abort        destination → {"op": "cancel", "seq", "sizes", "tag"}: the source sends filler
+                 in its place (+ "ok": false) unless already pushed; the destination drains it.
+                 A push aborted on the source before its turn: filler + "ok": false, so the
+                 destination FAILS it
+
+The source sends nothing unrequested on a pull pair, so abort just stops posting windows and
+drains the ones in flight. A broken control connection (EOF: the peer died or closed) fails the pair's transfers at
 once and aborts its data plane; a peer that stops answering is cut off when ``abort`` (or a
 ``wait`` timeout) finds the drain too slow.
 """
@@ -46,7 +61,9 @@ import itertools
 import logging
 import socket
 import threading
+import time
 from collections import deque
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
@@ -55,8 +72,8 @@ import torch.distributed as dist
 from lmdisagg.transports._blocks import byte_runs, split_runs, windows
 from lmdisagg.transports._wire import Channel, ChannelClosed
 from lmdisagg.transports.base import (
-    Buffer, ChunkDesc, PeerLostError, Transfer, TransferCorruptError, TransferError, Transport,
-    failed_transfer, warn_torch_path,
+    Buffer, BufferDesc, ChunkDesc, PeerLostError, PushTicket, Transfer, TransferAbortedError,
+    TransferCorruptError, TransferError, TransferState, Transport, failed_transfer, warn_torch_path,
 )
 
 log = logging.getLogger(__name__)
@@ -96,6 +113,17 @@ def _close_listener(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def _wait_work(work, plane, timeout: float, what: str) -> None:
+    """Wait for one posted op (a pair's warm-up), at most ``timeout`` on NCCL."""
+    if plane.pollable:
+        deadline = time.monotonic() + timeout
+        while not work.done():
+            if time.monotonic() > deadline:
+                raise PeerLostError(f"{what} did not complete within {timeout}s")
+            time.sleep(1e-4)
+    work.wait()
 
 
 def _teardown(pg) -> None:
@@ -182,7 +210,7 @@ class _CupyPlane:
 
     def post(self, base: torch.Tensor, pieces, tag: int, send: bool, after=None) -> _Event:
         """``after``: receives land after the work queued on this torch stream (default: the
-        posting thread's current stream)."""
+        posting thread's current stream); sends read after it only if it is given."""
         rt, nccl, comm = self.rt, self.nccl, self.comm
         if comm is None:
             raise RuntimeError("the pair's NCCL communicator was aborted")
@@ -190,7 +218,7 @@ class _CupyPlane:
         if prev != self.device:
             rt.setDevice(self.device)
         try:
-            if not send:  # land after the caller's queued work on the destination memory
+            if not send or after is not None:  # land after (pushes: read after) the caller's queued work
                 rt.eventRecord(self.after, after.cuda_stream if after is not None
                                else torch._C._cuda_getCurrentRawStream(self.device))
                 rt.streamWaitEvent(self.stream, self.after, 0)
@@ -268,6 +296,23 @@ class NcclTransfer(Transfer):
         return True
 
 
+class NcclExpect(NcclTransfer):
+    """Destination side of a push: its receives are posted at ``expect`` (or as soon as the pair
+    is up), before the source has the bytes. It counts as in flight from the start, so an abort
+    always waits until those receives have been matched and drained."""
+
+    seq = 0
+    ticket: PushTicket | None = None
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._quiet, self._posted = False, 1
+
+    def _cancel(self) -> bool:
+        self.link.cancel(self)  # the source sends filler into what it has not pushed
+        return super()._cancel()
+
+
 class _Window:
     __slots__ = ("x", "work", "nbytes", "last")
 
@@ -282,16 +327,22 @@ class _Link:
     peer fails the pulls at once (gloo itself may only notice when a receive times out, NCCL
     never does)."""
 
-    def __init__(self, tx: "NcclTransport", source_agent: str, address: str):
+    def __init__(self, tx: "NcclTransport", source_agent: str, address: str, kind: str = "pull"):
         self.tx = tx
         self.source = source_agent
+        self.kind = kind  # "pull" (the destination asks per window) or "push" (its own pair)
+        self.epoch = next(_epochs)
         host, ctl, store = address.rsplit(":", 2)
         self.host, self.ctl_port, self.store_port = host, int(ctl), int(store)
         self.ch: Channel | None = None
         self.plane = None
         self.ready = False  # connected and a window came through: pulls may post inline
         self.broken: TransferError | None = None  # set once; the next pull makes a new link
-        self.tag = 0
+        self.tag = 1 if kind == "push" else 0  # push: tag 0 is the pair's warm-up message
+        self.seq = 0  # push: the next expectation's number
+        self._headers: dict[int, dict] = {}  # push: seq -> the source's "pushed" message
+        self._cancels: list[dict] = []  # push: cancels made before the pair was up
+        self._up = False  # push: connected and warmed up (cancels may be sent)
         self._cv = threading.Condition()
         self._post_lock = threading.Lock()  # a window's request and its recvs, in pair order
         self._reap_lock = threading.Lock()  # windows finish in the order they were posted
@@ -334,6 +385,56 @@ class _Link:
         x._fail(err)
         x._quiesce()
 
+    def submit_expect(self, x: NcclExpect, block_nbytes: int, checksum: bool) -> None:
+        """Number x, make its ticket and post its receives (inline if the pair is up and idle,
+        else by the link thread), all under the posting lock: receives are posted in seq order,
+        the order the source pushes in."""
+        sizes = tuple(n for *_, n in x.windows[0])
+        err = None
+        with self._post_lock:
+            with self._cv:
+                err = self.broken
+                if err is None:
+                    x.seq, x.tag = self.seq, self.tag
+                    self.seq += 1
+                    self.tag = (self.tag + len(sizes)) % (1 << 30) or 1
+                    x.ticket = PushTicket(self.source, self.tx.agent, self.epoch, x.seq, x.tag, block_nbytes,
+                                          sizes, checksum)
+                    inline = self.ready and not self._jobs
+                    if not inline:
+                        self._jobs.append(x)
+                        self._cv.notify_all()
+            if err is None and inline:
+                try:
+                    self._post_from(x)
+                except _FAILURES as e:
+                    self.cut(PeerLostError(f"nccl expect from {self.source} failed: {e}"))
+                except Exception as e:
+                    log.exception("nccl expect from %s failed", self.source)
+                    self.cut(TransferError(f"nccl expect from {self.source} failed: {e!r}"))
+                else:
+                    with self._cv:
+                        if self._idle:
+                            self._cv.notify_all()
+                return
+        if err is not None:
+            x._fail(err)
+            x._quiesce()
+
+    def cancel(self, x: NcclExpect) -> None:
+        """x is being aborted: ask the source to send filler in place of what it has not pushed."""
+        msg = {"op": "cancel", "seq": x.seq, "tag": x.tag, "sizes": list(x.ticket.sizes)}
+        with self._cv:
+            if self.broken is not None:
+                return
+            if not self._up:
+                self._cancels.append(msg)
+                return
+        try:
+            self.ch.send(msg)
+        except ChannelClosed:
+            pass  # the reader cuts the pair; the drain ends with it
+
     def stop(self) -> None:
         with self._cv:
             self._stopping = True
@@ -361,6 +462,12 @@ class _Link:
     # --- posting (under _post_lock) --------------------------------------------------------------
     def _post_from(self, x: NcclTransfer) -> None:
         """Post x's next windows while the pair has room."""
+        if self.kind == "push":  # one window, posted even if x is aborting (the source fills it)
+            win = x.windows.popleft()
+            work = self.plane.post(x.dst.flat, [(d, n) for _, d, n in win], x.tag, send=False, after=x.after)
+            with self._cv:
+                self._inflight.append(_Window(x, work, sum(n for *_, n in win), True))
+            return
         while x.windows:
             with self._cv:
                 if self.broken is not None or len(self._inflight) >= self.tx.windows_in_flight:
@@ -442,9 +549,9 @@ class _Link:
         if tx.device is not None:
             torch.cuda.set_device(tx.device)
         self.ch = Channel.connect(self.host, self.ctl_port, tx.connect_timeout_s)
-        epoch = next(_epochs)
+        epoch = self.epoch
         self.ch.send({"op": "hello", "agent": tx.agent, "epoch": epoch, "backend": tx.backend,
-                      "runtime": tx.runtime})
+                      "runtime": tx.runtime, "kind": self.kind})
         if tx.runtime == "cupy":
             msg = self.ch.recv(timeout=tx.connect_timeout_s)
             if msg is None:
@@ -457,9 +564,23 @@ class _Link:
                                   timeout=timedelta(seconds=tx.connect_timeout_s))
             pg = make_pair_group(tx.backend, dist.PrefixStore(f"{tx.agent}/{epoch}", store), 1, tx)
             self.plane = _TorchPlane(pg, 0, tx.backend)
+        if self.kind == "push":
+            # one message each way before any receive is posted ahead of its send: the pair's
+            # first NCCL op connects it, and a receive posted before the source's first send
+            # hung that send (2xH200); asked first, as pulls ask, it does not
+            self.ch.send({"op": "warm"})
+            _wait_work(self.plane.post(tx.scratch(1), [(0, 1)], 0, send=False), self.plane,
+                       tx.connect_timeout_s, f"nccl push pair with {self.source}: warm-up")
+            self.ready = True
         reader = threading.Thread(target=self._read, name=f"lmdisagg-nccl-read-{self.source}", daemon=True)
         self.threads.append(reader)
         reader.start()
+        if self.kind == "push":
+            with self._cv:
+                self._up = True
+                cancels, self._cancels = self._cancels, []
+            for msg in cancels:
+                self.ch.send(msg)
 
     # --- reaping: finished windows, oldest first ---------------------------------------------------
     def advance(self) -> None:
@@ -515,9 +636,31 @@ class _Link:
             self._inflight.popleft()
         self.ready = True
         x = w.x
+        if self.kind == "push":
+            self._finish_push(x, w.nbytes)
+            return
         x.bytes_done += w.nbytes
         if w.last and not x.aborting:
             x._landed()
+        x._window_done()
+
+    def _finish_push(self, x: NcclExpect, nbytes: int) -> None:
+        """x's receives completed: the source's "pushed" message (sent before its sends) says
+        whether they carry its blocks or filler, and brings their checksums."""
+        with self._cv:
+            self._cv.wait_for(lambda: x.seq in self._headers or self.broken is not None, self.tx.connect_timeout_s)
+            hdr = self._headers.pop(x.seq, None)
+        if not x.aborting:
+            if hdr is None:
+                x._fail(self.broken or PeerLostError(f"nccl push from {self.source}: no word from the source "
+                                                     f"within {self.tx.connect_timeout_s}s of the bytes"))
+            elif not hdr["ok"]:
+                x._fail(TransferAbortedError(f"nccl push from {self.source} aborted by the source"))
+            else:
+                if hdr.get("sums"):
+                    x.desc = replace(x.desc, checksums=tuple(hdr["sums"]))
+                x.bytes_done = nbytes
+                x._landed()
         x._window_done()
 
     # --- reader thread -------------------------------------------------------------------------
@@ -525,7 +668,11 @@ class _Link:
         try:
             while True:
                 msg = self.ch.recv()
-                if msg.get("op") == "error":  # the source tears the pair down right after
+                if msg.get("op") == "pushed":
+                    with self._cv:
+                        self._headers[msg["seq"]] = msg
+                        self._cv.notify_all()
+                elif msg.get("op") == "error":  # the source tears the pair down right after
                     self._remote_error = msg
         except ChannelClosed as e:
             with self._cv:
@@ -541,16 +688,164 @@ class _Link:
 
 
 # --- source side -------------------------------------------------------------------------------
+class NcclPush(Transfer):
+    """Source side of a push: DONE once its sends completed (the bytes left)."""
+
+    peer: "_Peer"
+    ticket: PushTicket
+    work = None    # the posted sends
+    base = None    # what they read: the source buffer, or a staged copy of scattered blocks
+    pieces = ()    # (offset in base, nbytes), one per piece the destination posted
+    sums = None    # xxh3 of the blocks, when the destination asked for them
+    after = None   # CUDA: the caller's stream at push (the sends read after its queued work)
+
+    @property
+    def seq(self) -> int:
+        return self.ticket.seq
+
+    def _progress(self) -> None:
+        self.peer.reap(self)
+
+    def _cancel(self) -> bool:
+        return self.peer.drop(self)
+
+
 class _Peer:
-    """Source side of one pair: the serving thread answering one destination's requests."""
+    """Source side of one pair: the serving thread answering one destination's requests (pull
+    pairs), or taking its cancels while callers' ``push`` posts the sends (push pairs)."""
 
     def __init__(self, tx: "NcclTransport", sock: socket.socket):
         self.tx = tx
         self.ch = Channel(sock)
         self.plane = None
         self.sends: deque = deque()
+        self.key = None  # push pairs: (destination agent, its link's epoch)
+        self.push_lock = threading.Lock()  # push state below, and posting on the pair
+        self.next_seq = 0
+        self.queued: dict[int, NcclPush] = {}     # pushes made before their turn
+        self.dropped: dict[int, tuple] = {}       # seq -> (sizes, tag): filler goes in their place
+        self.pushing: list[NcclPush] = []          # posted, not yet DONE
+        self.lost: TransferError | None = None
         self.thread = threading.Thread(target=self._run, name="lmdisagg-nccl-serve", daemon=True)
         self.thread.start()
+
+    # --- push pairs -------------------------------------------------------------------------------
+    def push(self, job: NcclPush) -> None:
+        with self.push_lock:
+            if self.lost is not None:
+                err = self.lost
+            elif job.seq < self.next_seq or job.seq in self.queued:
+                err = TransferAbortedError(f"push {job.seq} to {self.key[0]}: that expectation was "
+                                           f"aborted or already pushed")
+            else:
+                self.queued[job.seq] = job
+                try:
+                    self._drain()
+                except Exception as e:
+                    err = PeerLostError(f"nccl push to {self.key[0]} failed: {e!r}")
+                else:
+                    return
+        if err is not None:
+            if isinstance(err, PeerLostError) and self.lost is None:
+                self.lose(err)
+            job._fail(err)
+            job._quiesce()
+
+    def cancel(self, seq: int, sizes, tag: int) -> None:
+        with self.push_lock:
+            if seq >= self.next_seq and self.lost is None:
+                self.dropped[seq] = (tuple(sizes), tag)
+                self._drain()
+
+    def _drain(self) -> None:
+        """Post every push whose turn has come (under push_lock): its sends, then its header
+        (which says whether they carry the blocks or filler; the destination finishes a push
+        only with it)."""
+        while True:
+            seq = self.next_seq
+            if seq in self.dropped:
+                sizes, tag = self.dropped.pop(seq)
+                job = self.queued.pop(seq, None)
+                if job is not None:
+                    job._fail(TransferAbortedError(f"push {seq} to {self.key[0]}: the destination aborted it"))
+                    job._quiesce()
+                filler = self.tx.scratch(max(sizes))
+                work = self.plane.post(filler, [(0, n) for n in sizes], tag, send=True)
+                work.keep = filler
+                self.sends.append(work)
+                self.ch.send({"op": "pushed", "seq": seq, "ok": False})
+            elif seq in self.queued:  # the sends first: the header reaches the destination while they move
+                job = self.queued.pop(seq)
+                job.work = self.plane.post(job.base, job.pieces, job.ticket.tag, send=True, after=job.after)
+                job._start()
+                self.pushing.append(job)
+                self.ch.send({"op": "pushed", "seq": seq, "ok": True, "sums": job.sums})
+            else:
+                return
+            self.next_seq = seq + 1
+
+    def reap(self, job: NcclPush) -> None:
+        """From a pusher's poll / wait: DONE once its sends completed (gloo: blocks until then)."""
+        work = job.work
+        if work is None or job.state.terminal:
+            return
+        try:
+            if self.plane is not None and self.plane.pollable and not work.done():
+                return
+            work.wait()
+        except _FAILURES as e:
+            self.lose(PeerLostError(f"nccl push to {self.key[0]} failed: {e}"))
+            return
+        with self.push_lock:
+            if job in self.pushing:
+                self.pushing.remove(job)
+        job.base = job.work = None  # a torch work holds its process group (sockets, the store)
+        job.bytes_done = job.nbytes
+        job._set(TransferState.DONE)
+        job._quiesce()
+
+    def drop(self, job: NcclPush) -> bool:
+        """Abort a push: one not yet posted becomes filler; a posted one is drained (else the
+        pair is cut, which stops its sends)."""
+        with self.push_lock:
+            if self.queued.get(job.seq) is job:
+                del self.queued[job.seq]
+                self.dropped[job.seq] = (job.ticket.sizes, job.ticket.tag)
+                try:
+                    self._drain()
+                except Exception as e:
+                    log.debug("nccl push filler: %r", e)
+                job._quiesce()
+                return True
+            posted = job.work is not None
+        if not posted or job._quiet:
+            return True
+        deadline = time.monotonic() + job.drain_timeout_s
+        while time.monotonic() < deadline:
+            self.reap(job)
+            if job.state.terminal:
+                return True
+            time.sleep(1e-4)
+        self.lose(PeerLostError(f"nccl push to {self.key[0]}: the destination did not take a push within "
+                                f"{job.drain_timeout_s}s; pair torn down"))
+        return True
+
+    def lose(self, err: TransferError) -> None:
+        """Fail every push of the pair and stop its NCCL kernels (from any thread)."""
+        with self.push_lock:
+            if self.lost is not None:
+                return
+            self.lost = err
+            victims = list(self.queued.values()) + self.pushing
+            self.queued.clear()
+            self.pushing = []
+        self.ch.close()
+        if self.plane is not None:
+            self.plane.abort()
+        for job in victims:
+            job.base = job.work = None
+            job._fail(err)
+            job._quiesce()
 
     def _run(self) -> None:
         tx = self.tx
@@ -573,6 +868,9 @@ class _Peer:
                 pg = make_pair_group(tx.backend, dist.PrefixStore(f"{hello['agent']}/{hello['epoch']}", tx._store),
                                      0, tx)
                 self.plane = _TorchPlane(pg, 1, tx.backend)
+            if hello.get("kind") == "push":
+                self._serve_push(hello)
+                return
             while True:
                 msg = self.ch.recv()
                 if msg.get("op") == "send":
@@ -587,11 +885,32 @@ class _Peer:
         except Exception:  # the destination sees the connection close: its pulls fail
             log.exception("nccl serving thread for %s failed", self.tx.agent)
         finally:
+            if self.key is not None:
+                self.tx._forget_push_peer(self)
+                self.lose(PeerLostError(f"nccl push pair with {self.key[0]} lost: the destination died or closed"))
             self.ch.close()
             if self.plane is not None:
                 self.plane.close()
             self.sends.clear()
             self.plane = None  # gloo closes the pair's sockets when the group is freed
+
+    def _serve_push(self, hello) -> None:
+        """A push pair: answer the warm-up, then take cancels until the destination leaves."""
+        tx = self.tx
+        while True:
+            msg = self.ch.recv()
+            op = msg.get("op")
+            if op == "warm":
+                with self.push_lock:
+                    work = self.plane.post(tx.scratch(1), [(0, 1)], 0, send=True)
+                _wait_work(work, self.plane, tx.connect_timeout_s, f"nccl push pair with {hello['agent']}: warm-up")
+                self.key = (hello["agent"], hello["epoch"])
+                tx._add_push_peer(self)
+            elif op == "cancel":
+                self.cancel(msg["seq"], msg["sizes"], msg["tag"])
+            while self.sends and (len(self.sends) > tx.windows_in_flight
+                                  or (self.plane.pollable and self.sends[0].done())):
+                self.sends.popleft().wait()  # filler sent
 
     def _serve(self, msg) -> None:
         buf = self.tx._buffers.get(msg["buffer"])
@@ -609,6 +928,7 @@ class _Peer:
 
 class NcclTransport(Transport):
     name = "nccl"
+    supports_push = True
 
     def __init__(self, *, backend: str = "auto", host: str = "127.0.0.1", checksum: bool = False,
                  drain_timeout_s: float = 10.0, window_nbytes: int | None = None, windows_in_flight: int = 4,
@@ -640,6 +960,10 @@ class NcclTransport(Transport):
             warn_torch_path("nccl", why, "a torch.distributed group costs ~60-90 µs more per window on each "
                             "side (lone 64 MiB pulls on 2xH200: 0.42-0.43 of a peer copy against 0.48-0.58)")
         self.runtime = "cupy" if self.nccl is not None else "torch"
+        if backend == "nccl" and self.runtime == "torch":  # gloo and cupy's NCCL push
+            self.supports_push = False
+            self.why_no_push = ("a torch.distributed NCCL group's watchdog ends a receive that waits longer than "
+                                "op_timeout_s, and a pushed receive waits for the source; push needs cupy's NCCL")
         self.backend, self.host, self.device = backend, host, device
         self.window_nbytes = window_nbytes or ((256 if backend == "nccl" else 64) << 20)
         self.windows_in_flight = windows_in_flight
@@ -654,6 +978,9 @@ class NcclTransport(Transport):
         self._links: dict[str, _Link] = {}
         self._dead_links: list[_Link] = []  # broken links whose threads may still be unwinding
         self._peers: list[_Peer] = []
+        self._push_peers: dict[tuple, _Peer] = {}  # (destination agent, epoch) -> its warmed-up push pair
+        self._gone_push_peers: set[tuple] = set()
+        self._push_cv = threading.Condition()
         self._accepter = threading.Thread(target=self._accept, name="lmdisagg-nccl-accept", daemon=True)
         self._accepter.start()
 
@@ -709,7 +1036,90 @@ class NcclTransport(Transport):
         link.submit(x)
         return x
 
+    # --- push ------------------------------------------------------------------------------------
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        """Bytes to send as filler or receive a warm-up into, on this transport's device."""
+        return torch.empty(nbytes, dtype=torch.uint8,
+                           device=torch.device("cuda", self.device) if self.backend == "nccl" else "cpu")
+
+    def _add_push_peer(self, peer: _Peer) -> None:
+        with self._push_cv:
+            self._push_peers[peer.key] = peer
+            self._push_cv.notify_all()
+
+    def _forget_push_peer(self, peer: _Peer) -> None:
+        with self._push_cv:
+            if self._push_peers.get(peer.key) is peer:
+                del self._push_peers[peer.key]
+            self._gone_push_peers.add(peer.key)
+
+    def _expect(self, source: BufferDesc, dst: Buffer, dst_blocks: tuple[int, ...], block_nbytes: int,
+                checksum: bool) -> Transfer:
+        desc = ChunkDesc(source, dst_blocks, block_nbytes)  # block ids: the destination's (the source's
+        #                                                     are not known yet)
+        x = NcclExpect(desc, dst, dst_blocks, lambda host, pid, start, strict=False: self.peer_alive(host, pid, start))
+        if not self.peer_alive(source.host, source.pid, source.pid_start):
+            x._fail(PeerLostError(f"source process {source.pid} ({source.agent}) is gone"))
+            x._quiesce()
+            return x
+        with self._lock:
+            key = (source.agent, "push")
+            link = self._links.get(key)
+            if link is None or link.broken is not None:
+                if link is not None:
+                    link.stop()
+                    self._dead_links.append(link)
+                link = self._links[key] = _Link(self, source.agent, source.address, kind="push")
+        x.link = link
+        x.windows = deque([[(d, d, n) for _, d, n in byte_runs(dst_blocks, dst_blocks, block_nbytes)]])
+        if self.backend == "nccl":
+            x.spin_s = 0.05
+            x.after = torch.cuda.current_stream(dst.flat.device)
+        link.submit_expect(x, block_nbytes, checksum)
+        return x
+
+    def _push(self, ticket: PushTicket, src: Buffer, block_ids: tuple[int, ...]) -> Transfer:
+        bn = ticket.block_nbytes
+        job = NcclPush(ChunkDesc(src.desc, block_ids, bn), None, ())
+        job.ticket = ticket
+        if self.backend == "nccl":
+            job.spin_s = 0.05
+            job.after = torch.cuda.current_stream(src.flat.device)
+        # the destination posted one receive per run of its blocks: each must be read from one
+        # run of ours, else the blocks are gathered (in order) into one staged copy first
+        cuts, at = [], 0
+        for n in ticket.sizes:
+            cuts.append((at, at + n // bn))
+            at += n // bn
+        if all(block_ids[b:e] == tuple(range(block_ids[b], block_ids[b] + e - b)) for b, e in cuts):
+            job.base, job.pieces = src.flat, [(block_ids[b] * bn, (e - b) * bn) for b, e in cuts]
+        else:
+            rows = src.flat[:src.desc.nbytes // bn * bn].view(-1, bn)
+            index = torch.tensor(block_ids, dtype=torch.int64, device=src.flat.device)
+            job.base = rows.index_select(0, index).view(-1)  # on the caller's stream: sends read after it
+            job.pieces = [(b * bn, (e - b) * bn) for b, e in cuts]
+        if ticket.checksum:
+            from lmdisagg.transports._blocks import block_checksums
+            job.sums = list(block_checksums(src.flat, block_ids, bn))
+        key = (ticket.dest_agent, ticket.link)
+        peer = self._push_peers.get(key)
+        deadline = time.monotonic() + self.connect_timeout_s
+        with self._push_cv if peer is None else contextlib.nullcontext():  # the destination connects at its first expect; wait for that pair
+            while (peer := self._push_peers.get(key)) is None and key not in self._gone_push_peers \
+                    and not self._closed and time.monotonic() < deadline:
+                self._push_cv.wait(max(0.0, deadline - time.monotonic()))
+        if peer is None:
+            why = "is gone" if key in self._gone_push_peers else f"did not connect within {self.connect_timeout_s}s"
+            job._fail(PeerLostError(f"nccl push: destination {ticket.dest_agent} {why}"))
+            job._quiesce()
+            return job
+        job.peer = peer
+        peer.push(job)
+        return job
+
     def _close(self) -> None:
+        with self._push_cv:
+            self._push_cv.notify_all()
         with self._lock:
             links, self._links = list(self._links.values()) + self._dead_links, {}
             peers, self._peers = list(self._peers), []

@@ -80,7 +80,7 @@ def _details(name: str, tx) -> dict:
     if name == "cuda_ipc":
         return {"launcher": tx.launcher.name}
     if name == "nccl":
-        return {"backend": tx.backend, "runtime": tx.runtime}
+        return {"backend": tx.backend, "runtime": tx.runtime, "push": "yes" if tx.supports_push else "no"}
     return {}
 
 

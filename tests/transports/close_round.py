@@ -1,6 +1,6 @@
 """The leak check of the contract suite, run in a process of its own (``python -m
-tests.transports.close_round MEDIUM``): a destination transport pulls from a source peer, is
-closed with a pull in flight, and must leave nothing behind, here or in the peer.
+tests.transports.close_round MEDIUM``): a destination transport pulls from a source peer (and
+takes a push, where the medium pushes), is closed with a pull in flight (and an expectation open), and must leave nothing behind, here or in the peer.
 
 It runs apart from the test process because that process also holds whatever earlier tests
 left running (a Ray client's threads, HTTP and Redis connection pools), which may open a socket
@@ -37,8 +37,15 @@ def use_and_close(medium: str) -> dict:
     x.wait(60)
     assert list(block_checksums(dst.flat, list(range(8)), 4 * MiB)) == want
     y = tx.pull(desc, dst, range(8))
+    pending = []
+    if tx.supports_push:  # a push pair too: one push done, one expectation left open at close
+        src = p.call("bufdesc", bid)
+        z = tx.expect(src, dst, range(8), 4 * MiB)
+        assert p.call("push", bid, z.ticket.pack(), list(range(8)), True) == "done"
+        z.wait(60)
+        pending.append(tx.expect(src, dst, range(8), 4 * MiB))
     tx.close()  # aborts whatever is in flight
-    assert y.state.terminal
+    assert y.state.terminal and all(z.state.terminal for z in pending)
     with pytest.raises(TransferError):
         tx.pull(desc, dst, range(8))
     left = p.call("close")

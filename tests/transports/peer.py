@@ -51,6 +51,9 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 buf = tx.register(t)
                 bufs[buf.desc.buffer_id] = buf
                 out = buf.desc.buffer_id
+            elif op == "bufdesc":  # a registered buffer's descriptor (it names this peer)
+                bid, = args
+                out = bufs[bid].desc
             elif op == "describe":
                 bid, block_ids, block_nbytes, checksum = args
                 buf = bufs[bid]
@@ -95,6 +98,30 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 for x, *_ in xs:
                     x.wait(60)
                 out = [digests(dst.flat, range(len(d.block_ids)), d.block_nbytes) for _, dst, d in xs]
+            elif op == "push":  # push blocks of a buffer into a destination's expectation
+                bid, ticket, block_ids, wait = args
+                x = tx.push(ticket, bufs[bid], block_ids)
+                pulls.append(x)
+                if wait:
+                    x.wait(60)
+                out = x.state.value
+            elif op == "push_state":  # the state of the last push, once terminal (or after `timeout`)
+                timeout, = args
+                x = pulls[-1]
+                deadline = time.monotonic() + timeout
+                while not x.poll().terminal and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                out = (x.state.value, repr(x.error))
+            elif op == "abort_last":
+                pulls[-1].abort()
+                out = (pulls[-1].state.value, repr(pulls[-1].error))
+            elif op == "expect":  # as a destination: expect blocks from a source into a fresh buffer
+                source, nblocks, block_nbytes = args
+                dst = tx.register(tx.allocate((nblocks * block_nbytes,), torch.uint8, device))
+                bufs[dst.desc.buffer_id] = dst
+                x = tx.expect(source, dst, list(range(nblocks)), block_nbytes)
+                pulls.append(x)
+                out = x.ticket.pack()
             elif op == "drop":  # deregister a buffer and let go of it
                 bid, = args
                 tx.deregister(bufs.pop(bid))
