@@ -25,6 +25,13 @@ several requests' KV moves at once, measured as ib_write_bw and nccl-tests do (m
 back to back, in flight, one clock around them all); its limit is PULLS raw copies into the same
 regions queued back to back, then one sync. GPU-to-GPU media (cuda_ipc, nccl) get them at every
 size; host-staged and CPU media only for sizes whose DEPTH copies fit the largest payload.
+Rows "<medium> push" (media that push: nccl through cupy or gloo): ``expect`` here, then ``push``
+in the source, one transfer at a time, timed from the source's ``push`` call to this process's
+``wait`` returning (both read the same monotonic clock); the expectation, whose receives are
+posted before the source is asked, is made first and not timed, as a decode worker makes it
+when it reserves blocks before the prefill; ``fixed_us``: the same for one 4 KiB block. ``ordered_*`` (GPU push rows): the push made while
+the GPU work that readies its bytes still runs, timed from the bytes being ready on the source
+GPU (see ``ordered_push``).
 ``raw_nccl_*`` (nccl rows launched through cupy): NCCL's own rate on the link, the transport's
 ceiling: send/recv between the two processes over a communicator of their own, no transport and
 no control messages, timed on the sender's GPU around its sends (one message, and
@@ -112,6 +119,41 @@ def source_main(conn, name: str, options: dict, device: str, nbytes: int) -> Non
         if op == "describe":
             ids, block, checksum = args
             conn.send(tx.describe(buf, ids, block, checksum=checksum))
+        elif op == "bufdesc":
+            conn.send(buf.desc)
+        elif op == "push":  # the parent expects these blocks: push them, report when push was called
+            ticket, ids = args
+            t0 = time.perf_counter()
+            try:
+                y = tx.push(ticket, buf, ids)
+            except Exception as e:
+                conn.send(RuntimeError(f"source: {e!r}"))
+                continue
+            conn.send(t0)
+            try:
+                y.wait(600)
+            except Exception as e:  # the parent's expectation fails or times out too
+                print(f"source: push failed: {e!r}", flush=True)
+        elif op == "push_ordered":  # push called while the GPU work that readies the bytes still runs
+            ticket, ids, cycles = args
+            try:
+                with torch.cuda.device(t.device):
+                    torch.cuda._sleep(cycles)  # stands for the prefill that writes the blocks
+                    ready = torch.cuda.Event()
+                    ready.record()
+                    y = tx.push(ticket, buf, ids)  # its sends wait for that work on the GPU
+                    hidden = not ready.query()     # push's host work ended before the bytes were ready
+                    while not ready.query():
+                        pass
+                    t_ready = time.perf_counter()
+            except Exception as e:
+                conn.send(RuntimeError(f"source: {e!r}"))
+                continue
+            conn.send((t_ready, hidden))
+            try:
+                y.wait(600)
+            except Exception as e:
+                print(f"source: push failed: {e!r}", flush=True)
         elif op == "nccl_join":  # a raw 2-rank NCCL communicator with the parent (see RawNccl)
             try:
                 from cupy.cuda import nccl
@@ -128,17 +170,26 @@ def source_main(conn, name: str, options: dict, device: str, nbytes: int) -> Non
             except Exception as e:
                 conn.send(RuntimeError(f"source: {e!r}"))
         elif op == "nccl_push":  # the parent's receive is posted: send now, report when we posted
-            n, = args
+            n, cycles = args     # (cycles > 0: queue the send behind that much GPU work, report when it ended)
             try:
                 from cupy.cuda import nccl
                 from cupy.cuda import runtime as rt
                 rt.setDevice(t.device.index)
-                stream = rt.streamCreateWithFlags(rt.streamNonBlocking)
-                t0 = time.perf_counter()  # CLOCK_MONOTONIC: the parent reads the same clock
-                raw.send(t.data_ptr(), n, nccl.NCCL_UINT8, 1, stream)
+                with torch.cuda.device(t.device):
+                    stream = torch.cuda.Stream()
+                    ready = torch.cuda.Event()
+                    with torch.cuda.stream(stream):
+                        if cycles:
+                            torch.cuda._sleep(cycles)
+                        ready.record()
+                    t0 = time.perf_counter()  # CLOCK_MONOTONIC: the parent reads the same clock
+                    raw.send(t.data_ptr(), n, nccl.NCCL_UINT8, 1, stream.cuda_stream)
+                    if cycles:
+                        while not ready.query():
+                            pass
+                        t0 = time.perf_counter()
                 conn.send(t0)
-                rt.streamSynchronize(stream)
-                rt.streamDestroy(stream)
+                stream.synchronize()
             except Exception as e:
                 conn.send(RuntimeError(f"source: {e!r}"))
         elif op == "tcp":  # the loopback TCP limit: send n bytes to a port of the parent
@@ -323,11 +374,12 @@ class RawNccl:
         finish()
         return n * count / secs / 1e9
 
-    def posted_first(self, dst, n: int) -> float:
+    def posted_first(self, dst, n: int, cycles: int = 0) -> float:
         """Seconds from the source posting one send of ``n`` bytes to this process seeing them
         land, this process's receive having been posted before (both processes read the same
         monotonic clock): what a design in which the source posts first, a push, could do at
-        best with NCCL; a pull adds the request's trip before the source posts."""
+        best with NCCL; a pull adds the request's trip before the source posts. ``cycles``: the
+        send is queued behind that much GPU work, and timed from the end of that work."""
         from cupy.cuda import nccl
         from cupy.cuda import runtime as rt
         prev = rt.getDevice()
@@ -339,7 +391,7 @@ class RawNccl:
             rt.eventRecord(ev, stream)
         finally:
             rt.setDevice(prev)
-        self.src.conn.send(("nccl_push", n))
+        self.src.conn.send(("nccl_push", n, cycles))
         deadline = time.monotonic() + 120
         while rt.eventQuery(ev) != 0:  # spin: the moment the bytes are known to have landed
             if time.monotonic() > deadline:  # the source failed to send (its reply says why)
@@ -398,6 +450,130 @@ def sustained(tx, src, dst, size, block, limit, tcp_source) -> dict:
             "gbps_sustained": round(total / statistics.median(secs) / 1e9, 3),
             "limit_gbps_sustained": round(total / statistics.median(lim) / 1e9, 3),
             "ratio_sustained": round(statistics.median(b / a for a, b in zip(secs, lim)), 3)}
+
+
+def push_rows(label, tx, src, dst, sizes, limit, tcp_source, raw=None) -> list[dict]:
+    """Pushes (``expect`` here, then ``push`` in the source): one transfer of each size, timed
+    from the source's ``push`` call to this process's ``wait`` returning, both on the same
+    monotonic clock. The expectation (receives posted) is made before the push is asked for, as
+    a decode worker makes it when it reserves blocks, and is not timed. Against the same serial
+    limit as the pulls, paired run by run."""
+    source = src.call("bufdesc")
+
+    def one(size: int, block: int) -> float:
+        ids = list(range(size // block))
+        x = tx.expect(source, dst, ids, block)
+        src.conn.send(("push", x.ticket.pack(), ids))
+        x.wait(600)
+        t1 = time.perf_counter()
+        return t1 - src.reply("push", 600)
+
+    one(4096, 4096)  # first contact: the push pair connects and warms up
+    lat = [one(4096, 4096) for _ in range(300)]
+    fixed_us = statistics.median(lat[50:]) * 1e6
+    rows = []
+    for size in sizes:
+        block = min(size, BLOCK)
+        one(size, block)
+        dst.flat[:size].zero_()
+        one(size, block)
+        if not torch.equal(dst.flat[:size].cpu(), pattern(size)):
+            raise AssertionError(f"{label} push: bytes differ after a {size}-byte push")
+        lim_fn, sync, cleanup = limit_op(limit, size, tcp_source)
+        secs, lim = [], []
+        try:
+            lim_fn(); sync(); cuda_sync()  # noqa: E702
+            for _ in range(reps_for(size)):
+                secs.append(one(size, block))
+                cuda_sync()
+                t0 = time.perf_counter()
+                lim_fn()
+                sync()
+                lim.append(time.perf_counter() - t0)
+                cuda_sync()
+        finally:
+            cleanup()
+        r = {"transport": f"{label} push", "bytes": size, "gbps": round(size / statistics.median(secs) / 1e9, 3),
+             "limit_gbps": round(size / statistics.median(lim) / 1e9, 3),
+             "ratio": round(statistics.median(b / a for a, b in zip(secs, lim)), 3),
+             "fixed_us": round(fixed_us, 1), "limit": limit, "reps": len(secs),
+             "gbps_best": round(size / min(secs) / 1e9, 3), "limit_gbps_best": round(size / min(lim) / 1e9, 3),
+             "ratio_best": round(min(lim) / min(secs), 3), "launcher": getattr(tx, "runtime", None),
+             "timed": "from the source's push call to the destination's wait returning; expect made before"}
+        rows.append(r)
+        print(f"{r['transport']:22s} {size / MiB:7.0f} MiB {r['gbps']:8.2f} GB/s  limit {r['limit_gbps']:8.2f} "
+              f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f})  fixed {fixed_us:7.1f} µs", flush=True)
+        if limit == "peer copy":
+            r.update(ordered_push(tx, src, source, dst, size, block, raw))
+            alone = f"  NCCL alone {r['raw_nccl_ordered_ratio']:4.2f}" if "raw_nccl_ordered_ratio" in r else ""
+            print(f"{'  stream-ordered':22s} {size / MiB:7.0f} MiB {r['ordered_gbps']:8.2f} GB/s  limit "
+                  f"{r['ordered_limit_gbps']:8.2f}  ratio {r['ordered_ratio']:5.2f}{alone}  host work hidden in "
+                  f"{r['ordered_host_hidden']:.0%} of runs", flush=True)
+    return rows
+
+
+ORDERED_CYCLES = 2_000_000  # torch.cuda._sleep: ~1 ms, longer than push's host work
+
+
+def ordered_push(tx, src, source, dst, size: int, block: int, raw: "RawNccl | None" = None) -> dict:
+    """A push made while the GPU work that readies its bytes still runs (the source queues ~1 ms
+    of work, then calls ``push``, whose sends wait for that work on the GPU): timed from the
+    moment the bytes are ready on the source GPU (its event seen complete, host clock) to this
+    process's ``wait`` returning. The limit is timed the same way: a peer copy queued behind the
+    same GPU work, from that work's end to a sync of both GPUs returning. This is the handoff a
+    worker gets when it pushes as soon as it has queued the work that writes the blocks: the
+    host work of the push is hidden behind the GPU's (``ordered_host_hidden``: the share of runs
+    in which ``push`` returned before the bytes were ready). With ``raw``: NCCL alone the same
+    way (``raw_nccl_ordered_*``: one message between the two processes over a communicator of
+    their own, its receive posted first, its send queued behind the same GPU work; from that
+    work's end to this process seeing the bytes land), the transport's ceiling on this path."""
+    ids = list(range(size // block))
+    a = torch.ones(size, dtype=torch.uint8, device="cuda:0")
+    b = torch.zeros(size, dtype=torch.uint8, device="cuda:1")
+
+    def one() -> tuple[float, bool]:
+        x = tx.expect(source, dst, ids, block)
+        src.conn.send(("push_ordered", x.ticket.pack(), ids, ORDERED_CYCLES))
+        x.wait(600)
+        t1 = time.perf_counter()
+        t_ready, hidden = src.reply("push_ordered", 600)
+        return t1 - t_ready, hidden
+
+    def limit() -> float:
+        with torch.cuda.device(0):
+            torch.cuda._sleep(ORDERED_CYCLES)
+            ready = torch.cuda.Event()
+            ready.record()
+            b.copy_(a, non_blocking=True)
+            while not ready.query():
+                pass
+            t0 = time.perf_counter()
+        cuda_sync(a.device, b.device)
+        return time.perf_counter() - t0
+
+    one(); limit()  # noqa: E702
+    if raw is not None:
+        raw.posted_first(dst, size, ORDERED_CYCLES)
+    secs, lim, hidden, bare = [], [], [], []
+    for _ in range(reps_for(size)):
+        s_, h = one()
+        secs.append(s_)
+        hidden.append(h)
+        cuda_sync()
+        lim.append(limit())
+        cuda_sync()
+        if raw is not None:
+            bare.append(raw.posted_first(dst, size, ORDERED_CYCLES))
+            cuda_sync()
+    out = {"ordered_gbps": round(size / statistics.median(secs) / 1e9, 3),
+           "ordered_limit_gbps": round(size / statistics.median(lim) / 1e9, 3),
+           "ordered_ratio": round(statistics.median(y / x for x, y in zip(secs, lim)), 3),
+           "ordered_ratio_best": round(min(lim) / min(secs), 3),
+           "ordered_host_hidden": round(sum(hidden) / len(hidden), 3)}
+    if bare:
+        out["raw_nccl_ordered_gbps"] = round(size / statistics.median(bare) / 1e9, 3)
+        out["raw_nccl_ordered_ratio"] = round(statistics.median(y / x for x, y in zip(bare, lim)), 3)
+    return out
 
 
 def bench_medium(label, spec, sizes, tcp_source):
@@ -477,6 +653,8 @@ def bench_medium(label, spec, sizes, tcp_source):
             print(f"{label:22s} {size / MiB:7.0f} MiB {r['gbps']:8.2f} GB/s  limit {r['limit_gbps']:8.2f} "
                   f"({limit})  ratio {r['ratio']:5.2f} (best {r['ratio_best']:4.2f}){piped}  fixed {fixed_us:7.1f} µs",
                   flush=True)
+        if tx.supports_push:
+            rows += push_rows(label, tx, src, dst, sizes, limit, tcp_source, raw)
         return rows
     finally:
         if raw is not None:
@@ -575,7 +753,8 @@ def main() -> None:
            "*_best: fastest run of each; *_sustained: a stream of `pulls` pulls with `depth` in flight vs as "
            "many raw copies queued; raw_nccl_*: NCCL send/recv alone between the two processes, sender's "
            "GPU time around its sends; raw_nccl_posted_first_*: one NCCL message, its receive posted first, from the "
-           "source's post to the bytes seen landed (host clock), vs the serial limit",
+           "source's post to the bytes seen landed (host clock), vs the serial limit; '<medium> push' rows: expect "
+           "(untimed), then push in the source, from its push call to wait returning here (host clock)",
            "options": overrides, "skipped": skipped, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"transport_{tag(args.device)}{args.suffix}.json"
@@ -587,7 +766,7 @@ def main() -> None:
     for r in rows:
         piped = f"{r['ratio_sustained']:6.2f}" if "ratio_sustained" in r else f"{'-':>6s}"
         print(f"{r['transport']:22s} {r['bytes'] / MiB:7.0f} {r['gbps']:8.2f} {r['limit_gbps']:8.2f} "
-              f"{r['ratio']:6.2f} {r['ratio_best']:6.2f} {piped} {r['fixed_us']:9.1f} {r['first_contact_ms']:8.1f}")
+              f"{r['ratio']:6.2f} {r['ratio_best']:6.2f} {piped} {r['fixed_us']:9.1f} {r.get('first_contact_ms', float('nan')):8.1f}")
     for k, why in skipped.items():
         print(f"{k}: skipped ({why})")
     print(f"wrote {path} (+ .png); load average {out['load_average']:.1f}")
