@@ -273,8 +273,8 @@ class Transport(abc.ABC):
                checksum: bool | None = None) -> Transfer:
         """Get ready to receive ``len(dst_block_ids)`` blocks that the transport of ``source`` (a
         registered buffer's descriptor: it names the peer) will push, before that peer has them.
-        Returns a PENDING transfer at once; hand ``transfer.ticket`` (a ``PushTicket``) to the
-        source, whose ``push`` sends the bytes. DONE, FAILED, ``wait``, ``abort`` and the CUDA
+        Returns a PENDING transfer at once (FAILED, with no ticket, if that peer is known dead);
+        hand ``transfer.ticket`` (a ``PushTicket``) to the source, whose ``push`` sends the bytes. DONE, FAILED, ``wait``, ``abort`` and the CUDA
         stream order are as for ``pull``; an abort tells the source, and returns once nothing
         more lands. Pushes between two transports land in the order of their ``expect`` calls: a
         push whose turn has not come waits on the source until the earlier ones are pushed or

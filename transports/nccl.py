@@ -50,9 +50,9 @@ asked for first (a receive posted before a fresh communicator's first send hung 
                  destination FAILS it
 
 The source sends nothing unrequested on a pull pair, so abort just stops posting windows and
-drains the ones in flight. A broken control connection (EOF: the peer died or closed) fails the pair's transfers at
-once and aborts its data plane; a peer that stops answering is cut off when ``abort`` (or a
-``wait`` timeout) finds the drain too slow.
+drains the ones in flight. A broken control connection (EOF: the peer died or closed) fails the
+pair's transfers at once and aborts its data plane; a peer that stops answering is cut off when
+``abort`` (or a ``wait`` timeout) finds the drain too slow.
 """
 from __future__ import annotations
 
@@ -645,8 +645,9 @@ class _Link:
         x._window_done()
 
     def _finish_push(self, x: NcclExpect, nbytes: int) -> None:
-        """x's receives completed: the source's "pushed" message (sent before its sends) says
-        whether they carry its blocks or filler, and brings their checksums."""
+        """x's receives completed: the source's "pushed" message (sent right after it posted the
+        sends, so normally here long before they end) says whether they carried its blocks or
+        filler, and brings their checksums."""
         with self._cv:
             self._cv.wait_for(lambda: x.seq in self._headers or self.broken is not None, self.tx.connect_timeout_s)
             hdr = self._headers.pop(x.seq, None)
