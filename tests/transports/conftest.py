@@ -161,3 +161,31 @@ def prompt_for(medium: str, n: int = 100) -> list[int]:
     import random
     rng = random.Random(zlib.crc32(medium.encode()))
     return [rng.randrange(1000, 40000) for _ in range(n)]
+
+
+def engine_round_trip(peer, local, dst_engine, prompt: list[int], move) -> None:
+    """Prefill ``prompt`` in the peer (its chunks stay pinned), reserve them in ``dst_engine``,
+    ``move(desc, dst, blocks)`` (a Transfer filling those blocks), commit: the bytes match and the
+    decode engine serves the prompt from them with the same first token."""
+    import torch
+    from lmdisagg.engine import SamplingParams
+    from lmdisagg.transports import TransferState
+    from lmdisagg.transports._blocks import block_checksums
+    keys, desc, src_digests, first = peer.call("engine", prompt, 16)
+    assert keys == dst_engine.chunk_keys(prompt) and len(keys) == len(prompt) // 16
+    dst = local.register(dst_engine.kv_buffer)
+    try:
+        reserved = dst_engine.reserve_chunks(keys)
+        assert list(reserved) == keys  # none of them cached here already
+        x = move(desc, dst, [reserved[k] for k in keys])
+        x.wait(60)
+        dst_engine.commit_chunks(reserved)
+    finally:
+        local.deregister(dst)
+    assert x.state is TransferState.DONE and x.bytes_done == len(keys) * dst_engine.layout.chunk_nbytes
+    got = [block_checksums(c.reshape(-1).view(torch.uint8), [0], c.numel() * c.element_size())[0]
+           for c in dst_engine.export_chunks(keys)]
+    assert got == src_digests
+    out = dst_engine.generate(prompt, SamplingParams(max_tokens=1))[0]
+    assert out.cached_tokens == len(keys) * 16 and out.token_ids == first
+    assert peer.call("unpin")  # the source's blocks are all free again

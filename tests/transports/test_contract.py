@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmdisagg.engine import SamplingParams
 from lmdisagg.transports import (
     PeerLostError, TransferAbortedError, TransferCorruptError, TransferError, TransferState,
     TransferTimeoutError,
 )
 from lmdisagg.transports._blocks import block_checksums
-from tests.transports.conftest import DRAIN_S, GPU_MEDIA, MEDIA, Peer, gpu, prompt_for
+from tests.transports.conftest import DRAIN_S, GPU_MEDIA, MEDIA, Peer, engine_round_trip, gpu, prompt_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -66,25 +65,7 @@ def big_dst(local, medium):
 def test_engine_chunks_round_trip(medium, peer, local, dst_engine):
     """Prefill in the peer, pull its pinned chunks into reserved blocks here, commit: the bytes
     match and the decode engine serves the prompt from them with the same first token."""
-    prompt = prompt_for(medium)
-    keys, desc, src_digests, first = peer.call("engine", prompt, 16)
-    assert keys == dst_engine.chunk_keys(prompt) and len(keys) == len(prompt) // 16
-    dst = local.register(dst_engine.kv_buffer)
-    try:
-        reserved = dst_engine.reserve_chunks(keys)
-        assert list(reserved) == keys
-        x = local.pull(desc, dst, [reserved[k] for k in keys])
-        x.wait(60)
-        dst_engine.commit_chunks(reserved)
-    finally:
-        local.deregister(dst)
-    assert x.state is TransferState.DONE and x.bytes_done == len(keys) * dst_engine.layout.chunk_nbytes
-    got = [block_checksums(c.reshape(-1).view(torch.uint8), [0], c.numel() * c.element_size())[0]
-           for c in dst_engine.export_chunks(keys)]
-    assert got == src_digests
-    out = dst_engine.generate(prompt, SamplingParams(max_tokens=1))[0]
-    assert out.cached_tokens == len(keys) * 16 and out.token_ids == first
-    assert peer.call("unpin")  # the source's blocks are all free again
+    engine_round_trip(peer, local, dst_engine, prompt_for(medium), local.pull)
 
 
 def test_many_concurrent_transfers(medium, peer, local):

@@ -11,13 +11,12 @@ import time
 import pytest
 import torch
 
-from lmdisagg.engine import SamplingParams
 from lmdisagg.transports import (
     PeerLostError, PushTicket, TransferAbortedError, TransferError, TransferState, TransferTimeoutError,
     create_transport,
 )
 from lmdisagg.transports._blocks import block_checksums
-from tests.transports.conftest import MEDIA, Peer, gpu, need_devices, prompt_for, side_options
+from tests.transports.conftest import MEDIA, Peer, engine_round_trip, gpu, need_devices, prompt_for, side_options
 
 MiB = 1 << 20
 PUSH_MEDIA = [pytest.param("nccl-gloo", id="nccl-gloo"), pytest.param("nccl-cuda", id="nccl-cuda", marks=gpu)]
@@ -42,25 +41,19 @@ def test_engine_chunks_pushed_round_trip(medium, peer, local, dst_engine):
     """Prefill in the peer; the decode side reserves blocks and expects them first; the peer
     pushes its pinned chunks: the bytes match and the decode engine serves the prompt from them
     with the same first token."""
-    prompt = prompt_for(medium + "-push", 120)  # chunks no other test put in the shared engine
-    keys, desc, src_digests, first = peer.call("engine", prompt, 16)
-    dst = local.register(dst_engine.kv_buffer)
-    try:
-        reserved = dst_engine.reserve_chunks(keys)
-        x = local.expect(desc.buffer, dst, [reserved[k] for k in keys], desc.block_nbytes)
+    def push(desc, dst, blocks):
+        x = local.expect(desc.buffer, dst, blocks, desc.block_nbytes)
         assert x.state is TransferState.PENDING
         assert peer.call("push", desc.buffer.buffer_id, x.ticket.pack(), list(desc.block_ids), True) == "done"
-        x.wait(60)
-        dst_engine.commit_chunks(reserved)
-    finally:
-        local.deregister(dst)
-    assert x.state is TransferState.DONE and x.bytes_done == len(keys) * dst_engine.layout.chunk_nbytes
-    got = [block_checksums(c.reshape(-1).view(torch.uint8), [0], c.numel() * c.element_size())[0]
-           for c in dst_engine.export_chunks(keys)]
-    assert got == src_digests
-    out = dst_engine.generate(prompt, SamplingParams(max_tokens=1))[0]
-    assert out.cached_tokens == len(keys) * 16 and out.token_ids == first
-    assert peer.call("unpin")
+        return x
+    # chunks no other test put in the shared engine
+    engine_round_trip(peer, local, dst_engine, prompt_for(medium + "-push", 120), push)
+
+
+def source_buffer(peer, local, medium, nbytes: int, seed: int, dst_nbytes: int | None = None):
+    """A filled source buffer in the peer and a destination here: (its id, its descriptor, dst)."""
+    bid = peer.call("raw", nbytes, seed)
+    return bid, peer.call("bufdesc", bid), dst_buffer(local, medium, dst_nbytes or nbytes)
 
 
 def test_scattered_pushes_made_out_of_order(medium, peer, local):
@@ -94,9 +87,7 @@ def test_scattered_pushes_made_out_of_order(medium, peer, local):
 
 def test_a_256mib_push(medium, peer, local):
     bn = 16 * MiB
-    bid = peer.call("raw", 256 * MiB, 22)
-    src = peer.call("bufdesc", bid)
-    dst = dst_buffer(local, medium, 320 * MiB)
+    bid, src, dst = source_buffer(peer, local, medium, 256 * MiB, 22, 320 * MiB)
     try:
         d = list(range(19, 3, -1))  # 16 blocks, reversed: 16 receives
         x = local.expect(src, dst, d, bn)
@@ -111,9 +102,7 @@ def test_a_256mib_push(medium, peer, local):
 
 def test_checksums_travel_with_the_push(medium, peer, local):
     bn = 64 << 10
-    bid = peer.call("raw", 16 * bn, 23)
-    src = peer.call("bufdesc", bid)
-    dst = dst_buffer(local, medium, 16 * bn)
+    bid, src, dst = source_buffer(peer, local, medium, 16 * bn, 23)
     try:
         x = local.expect(src, dst, range(4), bn, checksum=True)
         assert x.ticket.checksum
@@ -129,9 +118,7 @@ def test_abort_before_the_push_and_a_wait_that_times_out(medium, peer, local):
     """An expectation aborted before its push fails at once here; the source's later push of it
     fails; one that nobody pushes times out; pushes around them land whole."""
     bn = 1 * MiB
-    bid = peer.call("raw", 8 * bn, 24)
-    src = peer.call("bufdesc", bid)
-    dst = dst_buffer(local, medium, 8 * bn)
+    bid, src, dst = source_buffer(peer, local, medium, 8 * bn, 24)
     try:
         a = local.expect(src, dst, [0, 1], bn)
         b = local.expect(src, dst, [2, 3], bn)
@@ -155,9 +142,7 @@ def test_the_source_aborts_a_push(medium, peer, local):
     """A push aborted on the source before its turn: the destination's expectation FAILS (it is
     never DONE with filler), and the next one lands."""
     bn = 1 * MiB
-    bid = peer.call("raw", 8 * bn, 25)
-    src = peer.call("bufdesc", bid)
-    dst = dst_buffer(local, medium, 8 * bn)
+    bid, src, dst = source_buffer(peer, local, medium, 8 * bn, 25)
     try:
         a = local.expect(src, dst, [0, 1], bn)
         b = local.expect(src, dst, [2, 3], bn)
@@ -178,9 +163,7 @@ def test_the_source_aborts_a_push(medium, peer, local):
 
 def test_source_killed_before_it_pushes(medium, fresh_peer, local):
     bn = 1 * MiB
-    bid = fresh_peer.call("raw", 4 * bn, 26)
-    src = fresh_peer.call("bufdesc", bid)
-    dst = dst_buffer(local, medium, 4 * bn)
+    bid, src, dst = source_buffer(fresh_peer, local, medium, 4 * bn, 26)
     try:
         first = local.expect(src, dst, range(4), bn)  # the pair is up (a source that dies while
         fresh_peer.call("push", bid, first.ticket.pack(), [0, 1, 2, 3], True)  # NCCL forms it is NCCL's
@@ -234,9 +217,7 @@ def test_destination_killed_before_the_push(medium, local):
 
 
 def test_misuse_is_refused(medium, peer, local):
-    bid = peer.call("raw", 4 * MiB, 27)
-    src = peer.call("bufdesc", bid)
-    dst = dst_buffer(local, medium, 4 * MiB)
+    bid, src, dst = source_buffer(peer, local, medium, 4 * MiB, 27)
     try:
         with pytest.raises(TransferError, match="no destination blocks"):
             local.expect(src, dst, [], MiB)
