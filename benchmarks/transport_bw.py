@@ -29,9 +29,9 @@ Rows "<medium> push" (media that push: nccl through cupy or gloo): ``expect`` he
 in the source, one transfer at a time, timed from the source's ``push`` call to this process's
 ``wait`` returning (both read the same monotonic clock); the expectation, whose receives are
 posted before the source is asked, is made first and not timed, as a decode worker makes it
-when it reserves blocks before the prefill; ``fixed_us``: the same for one 4 KiB block. ``ordered_*`` (GPU push rows): the push made while
-the GPU work that readies its bytes still runs, timed from the bytes being ready on the source
-GPU (see ``ordered_push``).
+when it reserves blocks before the prefill; ``fixed_us``: the same for one 4 KiB block.
+``ordered_*`` (GPU push rows): the push made while the GPU work that readies its bytes still
+runs, timed from the bytes being ready on the source GPU (see ``ordered_push``).
 ``raw_nccl_*`` (nccl rows launched through cupy): NCCL's own rate on the link, the transport's
 ceiling: send/recv between the two processes over a communicator of their own, no transport and
 no control messages, timed on the sender's GPU around its sends (one message, and

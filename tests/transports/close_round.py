@@ -1,6 +1,7 @@
 """The leak check of the contract suite, run in a process of its own (``python -m
 tests.transports.close_round MEDIUM``): a destination transport pulls from a source peer (and
-takes a push, where the medium pushes), is closed with a pull in flight (and an expectation open), and must leave nothing behind, here or in the peer.
+takes a push, where the medium pushes), is closed with a pull in flight (and an expectation
+open), and must leave nothing behind, here or in the peer.
 
 It runs apart from the test process because that process also holds whatever earlier tests
 left running (a Ray client's threads, HTTP and Redis connection pools), which may open a socket
