@@ -249,3 +249,39 @@ def test_torch_nccl_runtime_says_it_cannot_push():
             tx.push(b"", None, [])
     finally:
         tx.close()
+
+
+def test_expectations_made_from_many_threads(medium, peer, local):
+    """Four threads make expectations at once (a decode worker's request threads): each gets its
+    own seq, the receives are posted in that order, and the pushes, made in another order, land
+    whole (on NCCL a receive posted out of seq order would take another push's bytes)."""
+    import threading
+    bn = 256 << 10
+    bid, src, dst = source_buffer(peer, local, medium, 32 * bn, 28, 64 * bn)
+    got: list = []
+    lock = threading.Lock()
+
+    def expect_some(t: int):
+        for i in range(4):
+            d = [t * 16 + i * 4 + j for j in range(4)][::-1 if i % 2 else 1]
+            x = local.expect(src, dst, d, bn)
+            with lock:
+                got.append((x, d))
+    try:
+        threads = [threading.Thread(target=expect_some, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        seqs = sorted(x.ticket.seq for x, _ in got)
+        assert seqs == list(range(seqs[0], seqs[0] + 16))  # one each, none skipped
+        rng = random.Random(3)
+        plans = {id(x): rng.sample(range(32), 4) for x, _ in got}
+        for x, _ in sorted(got, key=lambda g: -g[0].ticket.seq):  # the last expectation first
+            peer.call("push", bid, x.ticket.pack(), plans[id(x)], False)
+        for x, d in got:
+            x.wait(60)
+            _, want = peer.call("describe", bid, plans[id(x)], bn, False)
+            assert digests(dst, d, bn) == want
+    finally:
+        local.deregister(dst)
