@@ -116,10 +116,10 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 pulls[-1].abort()
                 out = (pulls[-1].state.value, repr(pulls[-1].error))
             elif op == "expect":  # as a destination: expect blocks from a source into a fresh buffer
-                source, nblocks, block_nbytes = args
+                source, nblocks, block_nbytes, *checksum = args
                 dst = tx.register(tx.allocate((nblocks * block_nbytes,), torch.uint8, device))
                 bufs[dst.desc.buffer_id] = dst
-                x = tx.expect(source, dst, list(range(nblocks)), block_nbytes)
+                x = tx.expect(source, dst, list(range(nblocks)), block_nbytes, checksum=bool(checksum and checksum[0]))
                 pulls.append(x)
                 out = x.ticket.pack()
             elif op == "drop":  # deregister a buffer and let go of it

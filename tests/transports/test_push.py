@@ -114,6 +114,29 @@ def test_checksums_travel_with_the_push(medium, peer, local):
         local.deregister(dst)
 
 
+def test_checksums_are_checked_on_arrival(medium, monkeypatch):
+    """A source whose checksums do not match its bytes: the destination FAILS the push as
+    corrupt, never DONE (the source here, its checksum function made to lie; the destination a
+    peer process of its own)."""
+    from lmdisagg.transports import _blocks
+    name, _, src_dev, _ = MEDIA[medium]
+    real = _blocks.block_checksums
+    monkeypatch.setattr(_blocks, "block_checksums", lambda *a: tuple(v ^ 1 for v in real(*a)))
+    here = create_transport(name, **side_options(medium, src_dev))
+    dest = Peer(medium, role="destination")
+    try:
+        t = here.allocate((4 * MiB,), torch.uint8, src_dev)
+        t.copy_(torch.arange(4 * MiB, dtype=torch.int64).to(torch.uint8))
+        src = here.register(t)
+        ticket = dest.call("expect", src.desc, 4, MiB, True)
+        here.push(ticket, src, range(4)).wait(60)  # the bytes left whole
+        state, err = dest.call("push_state", 60)
+        assert state == "failed" and "TransferCorruptError" in err, err
+    finally:
+        dest.stop()
+        here.close()
+
+
 def test_abort_before_the_push_and_a_wait_that_times_out(medium, peer, local):
     """An expectation aborted before its push fails at once here; the source's later push of it
     fails; one that nobody pushes times out; pushes around them land whole."""
@@ -225,8 +248,11 @@ def test_misuse_is_refused(medium, peer, local):
             local.expect(src, dst, [4], MiB)
         x = local.expect(src, dst, range(2), MiB)
         mine = local.register(local.allocate((4 * MiB,), torch.uint8, MEDIA[medium][3]))
-        with pytest.raises(TransferError, match="the ticket is for"):
-            local.push(x.ticket, mine, range(2))  # addressed to the peer, not to this transport
+        try:
+            with pytest.raises(TransferError, match="the ticket is for"):
+                local.push(x.ticket, mine, range(2))  # addressed to the peer, not to this transport
+        finally:
+            local.deregister(mine)
         with pytest.raises(RuntimeError, match="expects 2"):
             peer.call("push", bid, x.ticket.pack(), [0, 1, 2], True)
         assert PushTicket.unpack(x.ticket.pack()) == x.ticket
@@ -254,7 +280,8 @@ def test_torch_nccl_runtime_says_it_cannot_push():
 def test_expectations_made_from_many_threads(medium, peer, local):
     """Four threads make expectations at once (a decode worker's request threads): each gets its
     own seq, the receives are posted in that order, and the pushes, made in another order, land
-    whole (on NCCL a receive posted out of seq order would take another push's bytes)."""
+    whole (on NCCL a receive posted out of seq order would take another push's bytes; gloo
+    matches by tag, so there only the numbering and the source's queue are checked)."""
     import threading
     bn = 256 << 10
     bid, src, dst = source_buffer(peer, local, medium, 32 * bn, 28, 64 * bn)
