@@ -65,9 +65,9 @@ class _Mem(NamedTuple):
 
 
 class CudaIpcTransfer(Transfer):
-    # poll the copy's event closely (sleep(0) between polls yields the GIL): a GiB takes 3 ms
-    # over NVLink, ~40 ms over PCIe; timed back-off sleeps would overshoot it by up to 2 ms, and
-    # a blocking event wait wakes ~0.1 ms late
+    # poll the copy's event closely (a yield between polls lets other threads have the GIL): a
+    # GiB takes 3 ms over NVLink, ~40 ms over PCIe; timed back-off sleeps would overshoot it by
+    # up to 2 ms, and a blocking event wait wakes ~0.1 ms late
     spin_s = 0.05
 
     def __init__(self, *args):
