@@ -43,9 +43,7 @@ asked for first (a receive posted before a fresh communicator's first send hung 
     source       push(ticket): in seq order (a push before its turn waits for the earlier
                  ones), post the sends (read after the caller's queued GPU work), then
                  → {"op": "pushed", "seq", "ok": true, "sums"}
-    destination  the receives done and the "pushed" message read: DONE (sums checked); on
-                 NCCL the thread in ``wait`` finishes it: it sleeps until the message is in,
-                 then watches the receives' event closely (``_Link.settle``)
+    destination  the receives done and the "pushed" message read: DONE (sums checked)
     abort        destination → {"op": "cancel", "seq", "sizes", "tag"}: the source sends filler
                  in its place (+ "ok": false) unless already pushed; the destination drains it.
                  A push aborted on the source before its turn: filler + "ok": false, so the
@@ -313,16 +311,6 @@ class NcclExpect(NcclTransfer):
     def _cancel(self) -> bool:
         self.link.cancel(self)  # the source sends filler into what it has not pushed
         return super()._cancel()
-
-    def wait(self, timeout: float) -> None:
-        """On NCCL the waiting thread finishes its own receives (``_Link.settle``), then as any
-        transfer: DONE returns, FAILED raises, the rest of ``timeout`` polls with back-off."""
-        t0 = time.monotonic()
-        if not self._state.terminal:
-            self.link.settle(self, t0 + timeout, self.spin_s)
-            if self._state is TransferState.DONE:
-                return
-        super().wait(max(0.0, timeout - (time.monotonic() - t0)))
 
 
 class _Window:
@@ -631,35 +619,6 @@ class _Link:
                 reaped = True
         finally:
             self._reap_lock.release()
-
-    def settle(self, x: NcclExpect, deadline: float, spin_s: float) -> None:
-        """Finish x in the thread that waits on it (NCCL planes; gloo finishes it in the link
-        thread): sleep until the source's "pushed" message is in (the reader wakes it; on NCCL it
-        comes while the bytes still move), then poll the receives' event back to back (each query
-        releases the GIL, so the process's other threads run meanwhile) and finish x right here.
-        The general poll loop saw a 64 MiB push done ~45 µs after NCCL did: it yields with
-        sleep(0), which sleeps ~50-70 µs (the timer slack), and hands x to the reaping code.
-        Polls for at most ``spin_s``; x aborted, the pair cut or another window ahead of x's:
-        return, and ``wait`` carries on the general way."""
-        plane = self.plane
-        if plane is None or not plane.pollable:
-            return
-        with self._cv:
-            self._cv.wait_for(lambda: x.seq in self._headers or self.broken is not None or x.aborting
-                              or x.state.terminal, max(0.0, deadline - time.monotonic()))
-            if x.seq not in self._headers or self.broken is not None or not self._inflight \
-                    or self._inflight[0].x is not x:
-                return
-            w = self._inflight[0]
-        done, stop = w.work.done, min(deadline, time.monotonic() + spin_s)
-        try:
-            while not done():
-                if x.aborting or self.broken is not None or time.monotonic() >= stop:
-                    return
-        except _FAILURES:
-            return  # the general path reports it
-        self._finish(w)  # a push pair's plane is cupy's: the event done is the bytes landed; the
-        #                  link thread's reaping may race us to it, and _finish takes w once
 
     def _reap_blocking(self) -> None:
         """gloo: block on the oldest window; data, a pair error, or op_timeout_s ends it, and
@@ -1099,9 +1058,7 @@ class NcclTransport(Transport):
                 checksum: bool) -> Transfer:
         desc = ChunkDesc(source, dst_blocks, block_nbytes)  # block ids: the destination's (the source's
         #                                                     are not known yet)
-        # a receive completes only once the source's sends delivered every byte, and the source's
-        # "pushed" message says they were its blocks: no liveness check at the end
-        x = NcclExpect(desc, dst, dst_blocks, lambda *_, **__: True)
+        x = NcclExpect(desc, dst, dst_blocks, lambda host, pid, start, strict=False: self.peer_alive(host, pid, start))
         if not self.peer_alive(source.host, source.pid, source.pid_start):
             x._fail(PeerLostError(f"source process {source.pid} ({source.agent}) is gone"))
             x._quiesce()
