@@ -4,6 +4,10 @@ one run on the same machine.
     python benchmarks/serve_bench.py                                  # synthetic, CPU defaults
     python benchmarks/serve_bench.py --trace ../shared/data/traces/mooncake_synthetic_trace.jsonl \
         --num-requests 64 --length-scale 0.02 --time-scale 0.05
+    python benchmarks/serve_bench.py --transport nccl --modes disaggregated,disaggregated+push
+
+Modes: ``disaggregated`` (1 prefill + 1 decode worker, the decode worker pulls the KV),
+``disaggregated+push`` (the same with ``transport.push``: nccl only), ``colocated`` (2 workers).
 
 Each request is streamed over HTTP (SSE, as the openai client reads it; ignore_eos, token-id
 prompts); TTFT / ITL / end-to-end latency are taken per request at the client. Trace requests get token ids
@@ -139,10 +143,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="disaggregated,colocated")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--suffix", default="", help="appended to the result's file name, e.g. --suffix=-nccl-push")
     args = ap.parse_args()
 
     import ray
     from lmdisagg import Pipeline, Role
+    from lmdisagg.config import TransportSettings
     import os
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=8, log_to_driver=False)
@@ -150,9 +156,10 @@ def main() -> None:
     summaries, raw = [], {}
     for mode in args.modes.split(","):
         role = Role(replicas=1, num_cpus=cpus, num_gpus=args.gpus)
-        kw = ({"prefill": role, "decode": role} if mode == "disaggregated"
+        kw = ({"prefill": role, "decode": role} if mode.startswith("disaggregated")
               else {"colocated": Role(replicas=2, num_cpus=cpus, num_gpus=args.gpus)})
-        pipe = Pipeline(model=args.model, transport=args.transport, device=args.device, dtype=args.dtype,
+        transport = TransportSettings(name=args.transport, push=mode == "disaggregated+push")
+        pipe = Pipeline(model=args.model, transport=transport, device=args.device, dtype=args.dtype,
                         policy="least_loaded", **kw).start()
         try:
             vocab = pipe.router.tokenizer.vocab_size if pipe.router.tokenizer else 32000
@@ -164,25 +171,32 @@ def main() -> None:
             s["kv_pulled_bytes"] = sum(w.stats.get("pulled_bytes", 0) for w in stats.values())
             s["kv_pull_seconds"] = sum(w.stats.get("pull_seconds", 0.0) for w in stats.values())
             s["kv_transfer_seconds"] = sum(w.stats.get("transfer_seconds", 0.0) for w in stats.values())
+            d = [w.stats for w in stats.values() if w.worker_id.startswith("decode")]
+            # the decode worker's wait for each prompt's KV: a pull (from its request to the bytes
+            # landed), or a push (from decode() asking to the bytes landed; they move meanwhile)
+            s["kv_pushed_chunks"] = sum(x.get("pushed_chunks", 0) for x in d)
+            s["kv_push_wait_seconds"] = sum(x.get("push_seconds", 0.0) for x in d)
+            s["kv_recomputed_prompts"] = sum(x.get("recomputed_prompts", 0) for x in d)
             summaries.append(s)
         finally:
             pipe.shutdown()
     ray.shutdown()
 
     base = next((s for s in summaries if s["mode"] == "colocated"), summaries[0])
-    print(f"\n{'mode':14s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'ITL p50':>8s} {'ITL p99':>8s} {'E2E p99':>8s} "
-          f"{'tok/s':>7s} {'vs coloc':>8s}")
+    print(f"\n{'mode':18s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'ITL p50':>8s} {'ITL p99':>8s} {'E2E p99':>8s} "
+          f"{'tok/s':>7s} {'vs coloc':>8s} {'KV wait ms/req':>14s}")
     for s in summaries:
-        print(f"{s['mode']:14s} {s['ttft_p50_s']:9.3f} {s['ttft_p99_s']:9.3f} {s['itl_p50_s']:8.4f} "
+        print(f"{s['mode']:18s} {s['ttft_p50_s']:9.3f} {s['ttft_p99_s']:9.3f} {s['itl_p50_s']:8.4f} "
               f"{s['itl_p99_s']:8.4f} {s['e2e_p99_s']:8.3f} {s['output_tok_per_s']:7.1f} "
-              f"{s['output_tok_per_s'] / base['output_tok_per_s']:8.2f}")
+              f"{s['output_tok_per_s'] / base['output_tok_per_s']:8.2f} "
+              f"{(s['kv_pull_seconds'] + s['kv_push_wait_seconds']) / s['requests'] * 1e3:14.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{'cpu' if args.device == 'cpu' else 'cuda'}"
     doc = {"hardware": describe(args.device), "model": args.model, "device": args.device, "transport": args.transport,
            "workload": {k: v for k, v in vars(args).items() if k not in ("out",)},
            "results": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries]}
-    (out / f"serve_{tag}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"serve_{tag}{args.suffix}.json").write_text(json.dumps(doc, indent=1))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -197,10 +211,10 @@ def main() -> None:
                 ax.legend()
         fig.suptitle(f"{args.model} on {doc['hardware']}", fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / f"serve_{tag}.png", dpi=110)
+        fig.savefig(out / f"serve_{tag}{args.suffix}.png", dpi=110)
     except ImportError:
         pass
-    print(f"wrote {out / f'serve_{tag}.json'}")
+    print(f"wrote {out / f'serve_{tag}{args.suffix}.json'}")
 
 
 if __name__ == "__main__":

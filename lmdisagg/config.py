@@ -65,8 +65,18 @@ class TransportSettings(_Strict):
         "auto", description="cuda_ipc and nccl: launch copies / NCCL calls through cupy (auto: when "
                             "installed) or torch")
     timeout_s: float = Field(30.0, gt=0, description="a transfer not done by then is failed (never a hang)")
+    push: bool = Field(False, description="nccl only: the decode worker reserves blocks and posts its receives "
+                                          "while the prompt is prefilled, and the prefill worker pushes the KV "
+                                          "into them (instead of the decode worker pulling it afterwards)")
     fake: FakeTransportSettings = Field(default_factory=FakeTransportSettings,
                                         description="fake only: latency, bandwidth and failure knobs")
+
+
+    @model_validator(mode="after")
+    def _push_medium(self) -> "TransportSettings":
+        if self.push and self.name != "nccl":
+            raise ValueError(f"transport.push needs a two-sided medium (nccl); {self.name!r} is pulled from")
+        return self
 
 
 class RouterSettings(_Strict):

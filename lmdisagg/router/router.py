@@ -310,7 +310,7 @@ class Router:
                     yield delta
                 return
             try:
-                res = await asyncio.wait_for(p.actor.prefill.remote(req), rt.first_token_timeout_s)
+                res = await asyncio.wait_for(p.actor.prefill.remote(req, d.actor), rt.first_token_timeout_s)
             except asyncio.TimeoutError:
                 raise TimeoutError_(f"prefill took over {rt.first_token_timeout_s:.0f} s") from None
             finally:

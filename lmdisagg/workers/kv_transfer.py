@@ -5,6 +5,9 @@ engines' caches.
                        own the cache memory) → register(kv_buffer) once → describe(block_ids)
     destination:       same creation and registration → pull(desc, src_indices, dst_block_ids, timeout)
 
+With ``push`` set (nccl), the destination instead reserves blocks before the prompt is prefilled
+and ``expect``s them (its receives posted), and the source ``push``es its blocks once computed.
+
 ``pull`` blocks (workers call it from a thread, never the engine's) and either completes or
 raises TransferError within ``timeout``; on failure the destination blocks are no longer written.
 """
@@ -21,24 +24,33 @@ __all__ = ["KVTransfer", "TransferError"]
 
 
 class KVTransfer:
-    def __init__(self, settings: dict, worker_id: str):
+    def __init__(self, settings: dict, worker_id: str, expect_s: float = 330.0):
+        """``expect_s``: the longest a pushed prompt may take to come (its prefill's queue and
+        compute, then the transfer); a gloo receive posted for it must not time out sooner."""
         self.name = settings.get("name", "shm")
+        self.push_enabled = bool(settings.get("push", False))
         opts = {"checksum": bool(settings.get("checksum", False))}
         if self.name == "mooncake":
             opts["protocol"] = settings.get("protocol", "tcp")
         elif self.name in ("cuda_ipc", "nccl"):
             opts["runtime"] = settings.get("runtime", "auto")  # launches through cupy or torch
+            if self.name == "nccl" and self.push_enabled:
+                opts["op_timeout_s"] = max(30.0, expect_s)
         elif self.name == "fake":
             opts.update(settings.get("fake") or {})
         self.transport = create_transport(self.name, **opts)
+        if self.push_enabled and not self.transport.supports_push:
+            self.transport.close()
+            raise TransferError(f"transport.push is set, but {self.name} cannot push here: "
+                                f"{self.transport.why_no_push}")
         self.worker_id = worker_id
         self.buffer = None
         self.block_nbytes = 0
-        self._stream = None  # CUDA caches: the idle stream pulls are made from
+        self._stream = None  # CUDA caches: the idle stream pulls (expectations, pushes) are made from
 
     @classmethod
-    def create(cls, settings: dict, worker_id: str) -> "KVTransfer":
-        return cls(settings, worker_id)
+    def create(cls, settings: dict, worker_id: str, expect_s: float = 330.0) -> "KVTransfer":
+        return cls(settings, worker_id, expect_s)
 
     @property
     def allocator(self):
@@ -69,6 +81,24 @@ class KVTransfer:
             x = self.transport.pull(sub, self.buffer, dst_block_ids)
         x.wait(timeout)
         return time.perf_counter() - t0
+
+    def expect(self, source, dst_block_ids: list[int]):
+        """Post receives for blocks that ``source`` (the prefill worker's buffer descriptor) will
+        push; returns the transfer (its ``ticket`` goes to the source). From our idle stream on
+        CUDA, as pulls are made."""
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                return self.transport.expect(source, self.buffer, dst_block_ids, self.block_nbytes)
+        return self.transport.expect(source, self.buffer, dst_block_ids, self.block_nbytes)
+
+    def push(self, ticket: bytes, block_ids: list[int]):
+        """Send our blocks into a destination's expectation; returns the source's transfer. The
+        blocks were written by a prefill whose result the host has seen (and ``describe`` synced
+        the device), so on CUDA the sends go from our idle stream, behind no engine step."""
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                return self.transport.push(ticket, self.buffer, block_ids)
+        return self.transport.push(ticket, self.buffer, block_ids)
 
     def close(self) -> None:
         self.transport.close()

@@ -1,7 +1,8 @@
 """Messages between roles. Small typed dataclasses: they are all that roles exchange (KV bytes
 go through a transport, never through these or Ray's object store).
 
-    router ──GenerateRequest──▶ PrefillWorker.prefill ──PrefillResult(first delta, KVHandle)──▶ router
+    router ──GenerateRequest (+ the decode actor)──▶ PrefillWorker.prefill ──PrefillResult(first delta, KVHandle)──▶ router
+           (transport.push: PrefillWorker ──GenerateRequest──▶ DecodeWorker.expect ──ticket──▶ PrefillWorker)
     router ──GenerateRequest + KVHandle──▶ DecodeWorker.decode ──TokenDelta stream──▶ router
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ class KVHandle:
     first_token: int                # sampled by the prefill side and already streamed
     num_text_emitted: int           # characters of text already streamed
     generator_state: bytes | None = None  # torch.Generator state after the first token (sampling)
+    pushed: bool = False            # the prefill worker pushed the blocks into the decode worker's expectation
 
 
 @dataclass

@@ -9,6 +9,18 @@ Lifecycle of one disaggregated request (numbers match the router's):
                                     decode → yield deltas
     3. abort(request_id)            on either side, any time: frees the request's blocks
 
+With ``transport.push`` (nccl), the KV moves while the router is still waiting for the prefill:
+
+    1a. PrefillWorker.prefill(req, decode) first asks the decode worker to expect the prompt:
+        DecodeWorker.expect claims blocks (cached chunks reused), posts receives for the rest,
+        and answers with a ticket; the prompt is computed meanwhile
+    1b. once the prompt's blocks are computed, the prefill worker pushes them (``pushed`` in the
+        handle); it cancels the expectation instead if it will not push (the first token ended
+        the request, a failure): the decode worker frees those blocks
+    2.  DecodeWorker.decode(req, h) waits for the pushed blocks instead of pulling; a push that
+        failed falls back to a pull (the prefill worker still holds the blocks), then to
+        recomputing
+
 A pull that fails or times out is never silent: it is logged and counted, and the decode side
 recomputes the prompt itself (same tokens; it costs time, not correctness).
 
@@ -21,8 +33,8 @@ import asyncio
 import logging
 import os
 import time
-from collections import deque
-from dataclasses import replace
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -85,7 +97,10 @@ class Worker:
         self.timeouts = {"first_token_s": 300.0, "token_s": 60.0, "transfer_s": 30.0, "hold_s": 120.0,
                          **(timeouts or {})}
         engine_config = _place_on_gpu(engine_config)
-        self.kv = KVTransfer.create(transport or {"name": "shm"}, worker_id) if self.role != "both" else None
+        # a pushed prompt comes within its prefill's time (queue and compute) and a transfer
+        self.expect_s = self.timeouts["first_token_s"] + self.timeouts["transfer_s"]
+        self.kv = (KVTransfer.create(transport or {"name": "shm"}, worker_id, self.expect_s)
+                   if self.role != "both" else None)
         engine = Engine(engine_config, kv_allocator=self.kv.allocator if self.kv else None)
         self.engine = engine
         if self.kv is not None:
@@ -108,7 +123,7 @@ class Worker:
             self.bridge = store_cfg.bridge(engine, wake=lambda: self.loop.submit(lambda e: None))
         self.counters = {"requests": 0, "transfer_failures": 0, "recomputed_prompts": 0,
                          "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "transfer_seconds": 0.0,
-                         "reused_chunks": 0}
+                         "reused_chunks": 0, "pushed_chunks": 0, "push_seconds": 0.0, "push_failures": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
         self._snapshot(engine)
         self.loop = EngineLoop(engine, after_step=self._after_step)
@@ -267,10 +282,65 @@ class Worker:
 class PrefillWorker(Worker):
     role = "prefill"
 
-    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+    async def prefill(self, req: GenerateRequest, decode=None) -> PrefillResult:
         """Compute the prompt, return the first token and a handle on the KV (held until
-        ``release`` or the hold timeout)."""
+        ``release`` or the hold timeout). ``decode``: the decode worker's actor that will continue
+        the request; with ``transport.push`` the KV is pushed into blocks it expects."""
         self.counters["requests"] += 1
+        expecting = None
+        if decode is not None and self.kv.push_enabled:
+            e = self.engine
+            expecting = decode.expect.remote(req, self.kv.buffer.desc, tuple(e.layout.__dict__.values()),
+                                             e.namespace.digest())
+        pushed = False
+        try:
+            res = await self._prefill(req)
+            if res.handle is not None and expecting is not None:
+                pushed = await self._push(req.request_id, res.handle, expecting)
+                if pushed:
+                    res.handle = replace(res.handle, pushed=True)
+            return res
+        finally:
+            if expecting is not None and not pushed:  # runs after expect there (one caller's calls keep order)
+                decode.cancel_expect.remote(req.request_id)
+
+    async def _push(self, rid: str, h: KVHandle, expecting) -> bool:
+        """Push the prompt's blocks into the decode worker's expectation; False if it has none
+        (it then pulls) or the push could not start."""
+        try:
+            got = await asyncio.wait_for(expecting, self.timeouts["transfer_s"])
+        except Exception as err:  # noqa: BLE001 - its actor died or answered late: it pulls, or is replaced
+            log.warning("decode worker did not expect %s (%s); it will pull", rid, err)
+            return False
+        if got is None:
+            return False
+        ticket, src = got
+        ids = h.descriptor.block_ids
+        if not src or max(src) >= len(ids):
+            log.error("decode worker expects blocks %s of %s, which has %d; it will pull", src, rid, len(ids))
+            return False
+        try:
+            job = await asyncio.to_thread(self.kv.push, ticket, [ids[i] for i in src])
+        except (TransferError, OSError, RuntimeError) as err:
+            self.counters["push_failures"] += 1
+            log.error("KV push of %s failed to start: %s; the decode worker pulls", rid, err)
+            return False
+        self.counters["pushed_chunks"] += len(src)
+        asyncio.ensure_future(self._watch_push(rid, job))
+        return True
+
+    async def _watch_push(self, rid: str, job) -> None:
+        """Count and log a push that fails on this side (the decode worker sees it too)."""
+        deadline = time.monotonic() + self.timeouts["transfer_s"]
+        while not job.poll().terminal and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if not job.state.terminal:
+            await asyncio.to_thread(job.abort)
+        if job.error is not None:
+            self.counters["push_failures"] += 1
+            log.warning("KV push of %s failed: %s", rid, job.error)
+
+    async def _prefill(self, req: GenerateRequest) -> PrefillResult:
         q = self.loop.open_stream(req.request_id)
         try:
             await self._compile(req)
@@ -316,8 +386,97 @@ class PrefillWorker(Worker):
         return await self.loop.call(lambda e: e.release_held(request_id))
 
 
+@dataclass
+class _Expected:
+    """Blocks a decode worker holds for a prompt the prefill worker will push."""
+
+    keys: list = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    to_fill: dict = field(default_factory=dict)
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (source block index, our block)
+    x: object = None        # the transport's expectation
+    timer: asyncio.TimerHandle | None = None
+    dropped: bool = False
+
+
 class DecodeWorker(Worker):
     role = "decode"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._expected: dict[str, _Expected] = {}
+        self._aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts: refuse a late expect
+
+    async def expect(self, req: GenerateRequest, source, layout: tuple, namespace: bytes):
+        """Push handoff (called by the prefill worker while it computes the prompt): hold blocks
+        for the prompt's KV, chunks cached here reused, and post the receives for the rest.
+        Returns (ticket, the source's block indices to push, in order), or None when there is
+        nothing to receive or no room (``decode`` then pulls or recomputes as usual)."""
+        rid, e = req.request_id, self.engine
+        if rid in self._expected or rid in self._aborted:
+            return None
+        if layout != tuple(e.layout.__dict__.values()) or namespace != e.namespace.digest():
+            log.error("KV layout/model mismatch with the prefill worker of %s; not expecting it", rid)
+            return None
+        ex = self._expected[rid] = _Expected()
+        has_tail = len(req.context_token_ids) % e.config.chunk_tokens != 0
+        try:
+            ex.keys = e.chunk_keys(req.context_token_ids, req.params.cache_salt)
+            ex.block_ids, ex.to_fill = await self.loop.call(lambda e: self._claim(e, ex.keys, has_tail))
+        except LmdisaggError as err:
+            log.warning("cannot claim blocks for %s (%s); it will be pulled or recomputed", rid, err)
+            self._expected.pop(rid, None)
+            return None
+        ex.pairs = self._pairs(ex.keys, ex.block_ids, ex.to_fill, has_tail)
+        if ex.dropped or not ex.pairs:  # cancelled meanwhile, or every chunk is cached here
+            await self._drop_expected(rid, ex)
+            return None
+        try:
+            ex.x = self.kv.expect(source, [d for _, d in ex.pairs])
+        except (TransferError, OSError, RuntimeError) as err:
+            log.error("cannot expect the KV of %s: %s; it will be pulled", rid, err)
+            await self._drop_expected(rid, ex)
+            return None
+        if ex.x.ticket is None:  # the source is known lost
+            await self._drop_expected(rid, ex)
+            return None
+        ex.timer = asyncio.get_running_loop().call_later(  # a prefill that never answers
+            self.expect_s, lambda: asyncio.ensure_future(self._drop_expected(rid, ex)))
+        return ex.x.ticket.pack(), [i for i, _ in ex.pairs]
+
+    async def cancel_expect(self, request_id: str) -> None:
+        """The prefill worker will not push this prompt: free the blocks held for it."""
+        ex = self._expected.get(request_id)
+        if ex is not None:
+            await self._drop_expected(request_id, ex)
+
+    async def _drop_expected(self, rid: str, ex: _Expected) -> None:
+        """Abort the expectation (the source fills what it has not pushed) and free its blocks.
+        An expectation still claiming its blocks is only marked: ``expect`` drops it after."""
+        ex.dropped = True
+        if self._expected.get(rid) is ex:
+            del self._expected[rid]
+        if ex.timer is not None:
+            ex.timer.cancel()
+        if ex.x is not None:
+            await asyncio.to_thread(ex.x.abort)
+        if ex.block_ids:
+            ids, ex.block_ids = ex.block_ids, []
+            await self.loop.call(lambda e: e.free_blocks(ids))
+
+    async def abort(self, request_id: str) -> bool:
+        self._aborted[request_id] = None
+        while len(self._aborted) > 4096:
+            self._aborted.popitem(last=False)
+        ex = self._expected.get(request_id)
+        if ex is not None:
+            await self._drop_expected(request_id, ex)
+        return await super().abort(request_id)
+
+    async def shutdown(self) -> None:
+        for rid, ex in list(self._expected.items()):
+            await self._drop_expected(rid, ex)
+        await super().shutdown()
 
     async def decode(self, req: GenerateRequest, handle: KVHandle):
         """Stream a prefilled request: the first token, then one delta per step."""
@@ -327,7 +486,14 @@ class DecodeWorker(Worker):
         q = self.loop.open_stream(rid)
         try:
             await self._compile(req)
-            if not await self._pull(req, handle):  # fall back: compute the prompt's KV here
+            ex = self._expected.pop(rid, None)
+            moved = False
+            if ex is not None:
+                if handle.pushed:
+                    moved = await self._receive(req, handle, ex)
+                else:
+                    await self._drop_expected(rid, ex)
+            if not moved and not await self._pull(req, handle):  # fall back: compute the prompt's KV here
                 self.counters["recomputed_prompts"] += 1
                 await self.loop.call(lambda e: e.add_prefilled_request(
                     rid, req.prompt_token_ids, handle.first_token, req.params, None,
@@ -345,28 +511,13 @@ class DecodeWorker(Worker):
             log.error("KV layout/model mismatch between %s and %s; recomputing", h.source_worker, self.worker_id)
             await self._release_source(h)
             return False
-
-        def claim(e: Engine):
-            ids, to_fill = e.claim_chunks(h.chunk_keys)
-            if h.has_tail:
-                try:
-                    ids += e.allocate_blocks(1)
-                except BaseException:
-                    e.free_blocks(ids)
-                    raise
-            return ids, to_fill
-
         try:
-            block_ids, to_fill = await self.loop.call(claim)
+            block_ids, to_fill = await self.loop.call(lambda e: self._claim(e, h.chunk_keys, h.has_tail))
         except LmdisaggError as err:
             log.warning("cannot claim blocks for %s (%s); recomputing", req.request_id, err)
             await self._release_source(h)
             return False
-        # which source blocks go where: the missing full chunks and the tail
-        pairs = [(i, b) for i, (k, b) in enumerate(zip(h.chunk_keys, block_ids)) if k in to_fill
-                 and to_fill[k] == b]
-        if h.has_tail:
-            pairs.append((len(h.chunk_keys), block_ids[-1]))
+        pairs = self._pairs(h.chunk_keys, block_ids, to_fill, h.has_tail)
         try:
             if pairs:
                 t0 = time.perf_counter()  # the transfer alone (not the waits for the engine loop)
@@ -380,9 +531,52 @@ class DecodeWorker(Worker):
             await self.loop.call(lambda e: e.free_blocks(block_ids))
             await self._release_source(h)
             return False
-        await self._release_source(h)
         self.counters["pulled_chunks"] += len(pairs)
         self.counters["pulled_bytes"] += len(pairs) * e.layout.chunk_nbytes
+        await self._admit_moved(req, h, block_ids, to_fill)
+        return True
+
+    async def _receive(self, req: GenerateRequest, h: KVHandle, ex: _Expected) -> bool:
+        """Wait for the pushed blocks and admit the request; False (blocks freed) if the push
+        failed."""
+        if ex.timer is not None:
+            ex.timer.cancel()
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(ex.x.wait, self.timeouts["transfer_s"])
+        except TransferError as err:
+            self.counters["transfer_failures"] += 1
+            log.error("KV push of %s from %s failed: %s; pulling instead", req.request_id, h.source_worker, err)
+            await self._drop_expected(req.request_id, ex)
+            return False
+        self.counters["push_seconds"] += time.perf_counter() - t0
+        self.counters["pushed_chunks"] += len(ex.pairs)
+        await self._admit_moved(req, h, ex.block_ids, ex.to_fill)
+        return True
+
+    @staticmethod
+    def _claim(e: Engine, keys: list, has_tail: bool) -> tuple[list[int], dict]:
+        """Hold a block per chunk key (cached ones reused) and one for a partial tail."""
+        ids, to_fill = e.claim_chunks(keys)
+        if has_tail:
+            try:
+                ids += e.allocate_blocks(1)
+            except BaseException:
+                e.free_blocks(ids)
+                raise
+        return ids, to_fill
+
+    @staticmethod
+    def _pairs(keys: list, block_ids: list[int], to_fill: dict, has_tail: bool) -> list[tuple[int, int]]:
+        """Which source blocks go where: the chunks missing here, and the tail."""
+        pairs = [(i, b) for i, (k, b) in enumerate(zip(keys, block_ids)) if k in to_fill and to_fill[k] == b]
+        if has_tail:
+            pairs.append((len(keys), block_ids[-1]))
+        return pairs
+
+    async def _admit_moved(self, req: GenerateRequest, h: KVHandle, block_ids: list[int], to_fill: dict) -> None:
+        """The prompt's KV is in ``block_ids``: let the source's blocks go, admit the request."""
+        await self._release_source(h)
         self.counters["reused_chunks"] += len(h.chunk_keys) - len(to_fill)
         gen = _gen_state(h)
 
@@ -396,7 +590,6 @@ class DecodeWorker(Worker):
                 e.free_blocks(block_ids)
                 raise
         await self.loop.call(admit)
-        return True
 
     async def _release_source(self, h: KVHandle) -> None:
         try:

@@ -18,18 +18,22 @@ MODEL = "smollm2-135m-dummy"
 ENGINE = {"device": "cuda", "dtype": "float32", "chunk_tokens": 16, "kv_cache_bytes": 1 << 28, "max_model_len": 1024}
 
 
-@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl", "shm"])
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl", "nccl-push", "shm"])
 def test_two_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, transport):
+    """nccl-push: the decode worker expects each prompt while it is prefilled, the prefill worker
+    pushes its blocks (``transport.push``)."""
     import torch
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     from lmdisagg import Pipeline, Role
+    from lmdisagg.config import TransportSettings
     from lmdisagg.engine import Engine
     engine = Engine(model=MODEL, **ENGINE)
     rng = random.Random(transport)
     prompts = [[rng.randrange(1000, 40000) for _ in range(n)] for n in (37, 150, 400)]
-    pipe = Pipeline(model=MODEL, prefill=Role(num_gpus=1), decode=Role(num_gpus=1), transport=transport,
-                    **ENGINE).start()
+    push = transport == "nccl-push"
+    pipe = Pipeline(model=MODEL, prefill=Role(num_gpus=1), decode=Role(num_gpus=1),
+                    transport=TransportSettings(name=transport.removesuffix("-push"), push=push), **ENGINE).start()
     try:
         def gpu_of_worker(worker):  # the GPU this actor placed its engine on (all GPUs are visible)
             return str(torch.cuda.get_device_properties(worker.engine.kv_buffer.device).uuid)
@@ -42,7 +46,9 @@ def test_two_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, tra
                 assert got.token_ids == expected.token_ids, (len(ids), kw)
         stats = pipe.worker_stats()
         d = stats["decode-0"].stats
-        assert d["pulled_chunks"] > 0 and d["transfer_failures"] == 0 and d["recomputed_prompts"] == 0, d
+        moved, unused = ("pushed_chunks", "pulled_chunks") if push else ("pulled_chunks", "pushed_chunks")
+        assert d[moved] > 0 and d[unused] == 0, d
+        assert d["transfer_failures"] == 0 and d["recomputed_prompts"] == 0, d
         for s in stats.values():  # every block back in its pool
             assert s.free_blocks == s.total_blocks and s.stats["held"] == 0 and s.running == 0
     finally:
