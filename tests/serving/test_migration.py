@@ -18,14 +18,19 @@ from tests.serving.conftest import ROOT, start_serve, stop_serve, wait_until
 MODEL = "smollm2-135m"
 
 
-@pytest.fixture(scope="module")
-def served2x2(tmp_path_factory):
-    """local-cpu.yaml with 2 prefill and 2 decode actors."""
+@pytest.fixture(scope="module", params=["shm", "nccl-push"])
+def served2x2(tmp_path_factory, request):
+    """local-cpu.yaml with 2 prefill and 2 decode actors; the KV pulled over shm, or pushed over
+    nccl (gloo here: ``transport.push``, each decode worker expecting prompts while they are
+    prefilled, so a killed worker leaves expectations and push pairs behind)."""
     cfg = yaml.safe_load((ROOT / "cluster_configs/local-cpu.yaml").read_text())
     cfg["prefill"]["replicas"] = cfg["decode"]["replicas"] = 2
+    if request.param == "nccl-push":
+        cfg["transport"] = {**cfg.get("transport", {}), "name": "nccl", "push": True}
     path = tmp_path_factory.mktemp("migration") / "2p2d.yaml"
     path.write_text(yaml.safe_dump(cfg))
     s = start_serve(str(path))
+    s.moved = "pushed_chunks" if request.param == "nccl-push" else "pulled_chunks"  # the decode side's counter
     yield s
     assert stop_serve(s) == 0, "".join(s.log[-40:])
 
@@ -140,7 +145,9 @@ def test_killed_workers_come_back(served2x2, engine):
                  and w["router_in_flight"] == 0 and w["router_in_flight_prompt_tokens"] == 0 for w in ws.values())
         return ws if ok else None
     ws = wait_until(idle, 30)
-    assert ws["prefill-1"]["requests"] > 0 and ws["decode-1"]["pulled_chunks"] > 0, ws
+    assert ws["prefill-1"]["requests"] > 0 and ws["decode-1"][s.moved] > 0, ws
+    unused = "pulled_chunks" if s.moved == "pushed_chunks" else "pushed_chunks"
+    assert all(w.get(unused, 0) == 0 for w in ws.values()), ws
     metrics = httpx.get(s.base + "/metrics", timeout=30).text
     for w in killed:
         assert float(metrics.split(f'lmdisagg_worker_restarts_total{{worker="{w}"}} ')[1].split()[0]) >= 1
