@@ -71,7 +71,6 @@ class TransportSettings(_Strict):
     fake: FakeTransportSettings = Field(default_factory=FakeTransportSettings,
                                         description="fake only: latency, bandwidth and failure knobs")
 
-
     @model_validator(mode="after")
     def _push_medium(self) -> "TransportSettings":
         if self.push and self.name != "nccl":
