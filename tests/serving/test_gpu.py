@@ -1,5 +1,6 @@
 """Disaggregated serving on two GPUs: prefill on one, decode on the other, KV moved by cuda_ipc
-(peer copies), nccl (NCCL) or shm (staged through host memory), deployed through the Python API. Every request returns exactly the
+(peer copies), nccl (NCCL; pulled, or pushed with ``transport.push``) or shm (staged through host
+memory), deployed through the Python API. Every request returns exactly the
 tokens one engine returns, and the KV came over the transport (no recompute).
 
 The model is the SmolLM2 shape with seeded random weights: the real model cannot be fetched on
@@ -55,11 +56,12 @@ def test_two_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, tra
         pipe.shutdown()
 
 
-@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl", "shm"])
+@pytest.mark.parametrize("transport", ["cuda_ipc", "nccl", "nccl-push", "shm"])
 def test_decode_worker_killed_mid_stream_on_gpus(local_ray, transport):
     """A decode worker's process SIGKILLed mid-stream (its GPU memory, IPC handles and NCCL pair
     with the prefill worker go with it): the request is resumed on the other decode worker, the
-    prefill worker serves the new pull over the same transport, and the tokens are one engine's."""
+    prefill worker serves the new pull (nccl-push: pushes into its new expectation, over another
+    NCCL pair) over the same transport, and the tokens are one engine's."""
     import os
     import signal
 
@@ -67,13 +69,15 @@ def test_decode_worker_killed_mid_stream_on_gpus(local_ray, transport):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     from lmdisagg import Pipeline, Role
+    from lmdisagg.config import TransportSettings
     from lmdisagg.engine import Engine
     engine = Engine(model=MODEL, **ENGINE)
     ids = [random.Random(transport).randrange(1000, 40000) for _ in range(150)]
     n = 300
     expected = engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True))[0]
+    push = transport == "nccl-push"
     pipe = Pipeline(model=MODEL, prefill=Role(num_gpus=1), decode=Role(replicas=2, num_gpus=0.5),
-                    transport=transport, **ENGINE).start()
+                    transport=TransportSettings(name=transport.removesuffix("-push"), push=push), **ENGINE).start()
     try:
         who = dict(local_ray.get([a.__ray_call__.remote(lambda w: (w.worker_id, os.getpid())) for a in pipe.actors]))
         got, victim = [], None
@@ -90,7 +94,8 @@ def test_decode_worker_killed_mid_stream_on_gpus(local_ray, transport):
         alive = [a for a in pipe.actors if a is not pipe.actors[list(who).index(victim)]]
         stats = {s.worker_id: s for s in local_ray.get([a.load.remote() for a in alive], timeout=30)}
         survivor = stats[next(w for w in stats if w.startswith("decode"))]
-        assert survivor.stats["pulled_chunks"] > 0 and survivor.stats["recomputed_prompts"] == 0, survivor.stats
+        moved = "pushed_chunks" if push else "pulled_chunks"
+        assert survivor.stats[moved] > 0 and survivor.stats["recomputed_prompts"] == 0, survivor.stats
         for s in stats.values():  # nothing of the moved request left allocated
             assert s.free_blocks == s.total_blocks and s.stats["held"] == 0 and s.running == 0, s
     finally:
