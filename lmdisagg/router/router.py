@@ -310,7 +310,9 @@ class Router:
                     yield delta
                 return
             try:
-                res = await asyncio.wait_for(p.actor.prefill.remote(req, d.actor), rt.first_token_timeout_s)
+                # transport.push: the prefill worker has the decode worker expect the KV, and pushes it
+                push_to = d.actor if self.config.transport.push else None
+                res = await asyncio.wait_for(p.actor.prefill.remote(req, push_to), rt.first_token_timeout_s)
             except asyncio.TimeoutError:
                 raise TimeoutError_(f"prefill took over {rt.first_token_timeout_s:.0f} s") from None
             finally:

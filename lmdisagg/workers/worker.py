@@ -301,8 +301,16 @@ class PrefillWorker(Worker):
                     res.handle = replace(res.handle, pushed=True)
             return res
         finally:
-            if expecting is not None and not pushed:  # runs after expect there (one caller's calls keep order)
-                decode.cancel_expect.remote(req.request_id)
+            if expecting is not None and not pushed:
+                asyncio.ensure_future(self._cancel_expect(decode, req.request_id))
+
+    async def _cancel_expect(self, decode, rid: str) -> None:
+        """The decode worker frees what it holds for a prompt we will not push (the call runs
+        there after its ``expect``: one caller's calls to an actor start in order)."""
+        try:
+            await asyncio.wait_for(decode.cancel_expect.remote(rid), 30)
+        except Exception as err:  # noqa: BLE001 - a dead decode worker holds nothing; else its timer frees it
+            log.debug("cancel_expect of %s failed: %s", rid, err)
 
     async def _push(self, rid: str, h: KVHandle, expecting) -> bool:
         """Push the prompt's blocks into the decode worker's expectation; False if it has none
