@@ -19,10 +19,12 @@ def blocks(engine, prompt: str) -> tuple[int, int]:
 
 
 def test_push_gives_the_same_tokens_and_frees_every_block(local_ray, engine):
+    """With checksums: the source sends an xxh3 per block with its push, checked on arrival (the
+    migration tests push without)."""
     from lmdisagg import Pipeline, Role
     from lmdisagg.config import TransportSettings
     pipe = Pipeline(model="smollm2-135m", prefill=Role(), decode=Role(), kv_cache_bytes=1 << 29,
-                    transport=TransportSettings(name="nccl", push=True)).start()
+                    transport=TransportSettings(name="nccl", push=True, checksum=True)).start()
 
     def stats(role: str) -> dict:
         return pipe.worker_stats()[f"{role}-0"].stats
