@@ -106,7 +106,7 @@ class CudaIpcTransfer(Transfer):
         self._state = TransferState.TRANSFERRING
 
     def _progress(self, strict: bool | None = None) -> None:
-        with self._cond:
+        with self._mu:
             if self._state.terminal or self._done is None or not self._done(self._synced):
                 return
             self.bytes_done = self.nbytes

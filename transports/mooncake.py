@@ -71,7 +71,7 @@ class MooncakeTransfer(Transfer):
     def submit(self, pieces: list[tuple[int, int, int]]) -> None:
         """Submit (dst address, src address, nbytes) reads; non-blocking once the session is known."""
         session = self.desc.buffer.address
-        with self._cond:
+        with self._mu:
             if self._aborting or self._state.terminal:
                 return
             for dst_addr, src_addr, n in pieces:
@@ -113,7 +113,7 @@ class MooncakeTransfer(Transfer):
             self._cond.notify_all()
 
     def _progress(self) -> None:
-        with self._cond:
+        with self._mu:
             if self._state.terminal or not self._pending:
                 return
             self._check()
@@ -127,7 +127,7 @@ class MooncakeTransfer(Transfer):
 
     def _cancel(self) -> bool:
         deadline = time.monotonic() + self.drain_timeout_s
-        with self._cond:
+        with self._mu:
             while self._pending and time.monotonic() < deadline:
                 self._check()
                 if self._pending:

@@ -173,12 +173,17 @@ class _Event:
 
     def __init__(self, rt, ev: int):
         self.rt, self.ev = rt, ev
+        self.ok = False  # seen complete: nothing left to query or wait for
 
     def done(self) -> bool:
-        return self.rt.eventQuery(self.ev) == 0
+        if not self.ok:
+            self.ok = self.rt.eventQuery(self.ev) == 0
+        return self.ok
 
     def wait(self) -> None:
-        self.rt.eventSynchronize(self.ev)
+        if not self.ok:  # a sync of a completed event still costs a driver call (~4 µs on 2xH200)
+            self.rt.eventSynchronize(self.ev)
+            self.ok = True
 
     def __del__(self):
         try:
@@ -257,6 +262,10 @@ class _CupyPlane:
 
 # --- destination side --------------------------------------------------------------------------
 class NcclTransfer(Transfer):
+    # a receive that completed on a pair that was not cut holds every byte the source sent: a
+    # lost source leaves it pending (NCCL) or failing (gloo) until the pair is cut, and windows
+    # of a cut pair are never finished
+    landing_proves_source = True
     link: "_Link"
     windows: deque  # windows not posted yet: lists of (source offset, destination offset, nbytes)
     after = None    # CUDA: the caller's current stream at pull (windows land after its queued work)
@@ -268,7 +277,7 @@ class NcclTransfer(Transfer):
 
     def _begin_io(self) -> bool:
         """About to post a window into dst: False if aborting (then post nothing)."""
-        with self._cond:
+        with self._mu:
             if self._aborting:
                 return False
             self._quiet = False
@@ -278,17 +287,24 @@ class NcclTransfer(Transfer):
     def _progress(self) -> None:
         self.link.advance()  # NCCL: the waiting thread reaps its own windows
 
-    def _window_done(self) -> None:
-        with self._cond:
+    def _window_done(self, last: bool = False) -> None:
+        """A window's receives completed; ``last``: every byte is in (then the end checks, and
+        DONE with the same wake-up, unless aborting or failed meanwhile)."""
+        landed = last and not self._aborting and self._verify()
+        with self._mu:
             self._posted -= 1
+            if landed and not self._state.terminal:
+                self.bytes_done = self.nbytes
+                self._state = TransferState.DONE
             if self._posted == 0:
                 self._quiet = True
+            if landed or self._quiet:
                 self._cond.notify_all()
 
     def _cancel(self) -> bool:
         """Drain the windows in flight; if the peer is too slow, cut the pair (its serving
         thread then drops the data plane, so nothing more lands)."""
-        with self._cond:
+        with self._mu:
             if self._cond.wait_for(lambda: self._quiet, self.drain_timeout_s):
                 return True
         self.link.cut(PeerLostError(f"peer {self.desc.buffer.agent} did not finish a window in "
@@ -343,7 +359,8 @@ class _Link:
         self._headers: dict[int, dict] = {}  # push: seq -> the source's "pushed" message
         self._cancels: list[dict] = []  # push: cancels made before the pair was up
         self._up = False  # push: connected and warmed up (cancels may be sent)
-        self._cv = threading.Condition()
+        self._mu = threading.RLock()  # plain critical sections; waits and wake-ups through _cv
+        self._cv = threading.Condition(self._mu)
         self._post_lock = threading.Lock()  # a window's request and its recvs, in pair order
         self._reap_lock = threading.Lock()  # windows finish in the order they were posted
         self._jobs: deque[NcclTransfer] = deque()     # pulls with windows not posted yet
@@ -358,7 +375,7 @@ class _Link:
     def submit(self, x: NcclTransfer) -> None:
         w = self.tx.window_nbytes
         x.windows = deque(windows(list(split_runs(byte_runs(x.desc.block_ids, x.dst_blocks, x.desc.block_nbytes), w)), w))
-        with self._cv:
+        with self._mu:
             err = self.broken
             if err is None and (not self.ready or self._jobs):  # the link thread posts it
                 self._jobs.append(x)
@@ -376,7 +393,7 @@ class _Link:
                 self.cut(TransferError(f"nccl pull from {self.source} failed: {e!r}"))
                 err = self.broken
             else:
-                with self._cv:
+                with self._mu:
                     if x.windows:  # no room for all of it: the link thread posts the rest first
                         self._jobs.appendleft(x)
                     if x.windows or self._idle:  # else the link thread is already looking
@@ -392,7 +409,7 @@ class _Link:
         sizes = tuple(n for *_, n in x.windows[0])
         err = None
         with self._post_lock:
-            with self._cv:
+            with self._mu:
                 err = self.broken
                 if err is None:
                     x.seq, x.tag = self.seq, self.tag
@@ -413,7 +430,7 @@ class _Link:
                     log.exception("nccl expect from %s failed", self.source)
                     self.cut(TransferError(f"nccl expect from {self.source} failed: {e!r}"))
                 else:
-                    with self._cv:
+                    with self._mu:
                         if self._idle:
                             self._cv.notify_all()
                 return
@@ -424,7 +441,7 @@ class _Link:
     def cancel(self, x: NcclExpect) -> None:
         """x is being aborted: ask the source to send filler in place of what it has not pushed."""
         msg = {"op": "cancel", "seq": x.seq, "tag": x.tag, "sizes": list(x.ticket.sizes)}
-        with self._cv:
+        with self._mu:
             if self.broken is not None:
                 return
             if not self._up:
@@ -436,7 +453,7 @@ class _Link:
             pass  # the reader cuts the pair; the drain ends with it
 
     def stop(self) -> None:
-        with self._cv:
+        with self._mu:
             self._stopping = True
             self._cv.notify_all()
 
@@ -444,7 +461,7 @@ class _Link:
         """Break the pair from any thread: queued and running pulls FAIL now (nothing more can
         land: the data plane is aborted, and the source drops its side when its control
         connection closes)."""
-        with self._cv:
+        with self._mu:
             if self.broken is None:
                 self.broken = err
             victims = dict.fromkeys(list(self._jobs) + [w.x for w in self._inflight])
@@ -465,11 +482,11 @@ class _Link:
         if self.kind == "push":  # one window, posted even if x is aborting (the source fills it)
             win = x.windows.popleft()
             work = self.plane.post(x.dst.flat, [(d, n) for _, d, n in win], x.tag, send=False, after=x.after)
-            with self._cv:
+            with self._mu:
                 self._inflight.append(_Window(x, work, sum(n for *_, n in win), True))
             return
         while x.windows:
-            with self._cv:
+            with self._mu:
                 if self.broken is not None or len(self._inflight) >= self.tx.windows_in_flight:
                     return
             if not x._begin_io():  # aborting: post nothing more (abort waits for those in flight)
@@ -484,19 +501,19 @@ class _Link:
             self.ch.send({"op": "send", "tag": tag, "buffer": x.desc.buffer.buffer_id,
                           "pieces": [[s, n] for s, _, n in win]})
             work = self.plane.post(x.dst.flat, [(d, n) for _, d, n in win], tag, send=False, after=x.after)
-            with self._cv:
+            with self._mu:
                 self._inflight.append(_Window(x, work, sum(n for *_, n in win), not x.windows))
 
     def _post_queued(self) -> None:
         while True:
-            with self._cv:
+            with self._mu:
                 if not self._jobs or self.broken is not None:
                     return
                 x = self._jobs[0]
             self._post_from(x)
             if x.windows:
                 return  # no room
-            with self._cv:
+            with self._mu:
                 if self._jobs and self._jobs[0] is x:
                     self._jobs.popleft()
 
@@ -505,7 +522,7 @@ class _Link:
         delay = 2e-4
         try:
             while True:
-                with self._cv:
+                with self._mu:
                     self._idle = True
                     while not (self._jobs or self._inflight or self._stopping or self.broken):
                         self._cv.wait()
@@ -524,7 +541,7 @@ class _Link:
                 # NCCL: pulling threads reap their own windows from poll / wait (no hand-off);
                 # this thread is the backstop (for pulls nobody polls, and aborts): it looks
                 # every 0.2 .. 1 ms, so as not to compete with them for the GIL
-                with self._cv:
+                with self._mu:
                     if self.broken is None and self._inflight:
                         self._cv.wait(delay)
                 delay = 2e-4 if self._reap_done() else min(2 * delay, 1e-3)
@@ -576,7 +593,7 @@ class _Link:
         self.threads.append(reader)
         reader.start()
         if self.kind == "push":
-            with self._cv:
+            with self._mu:
                 self._up = True
                 cancels, self._cancels = self._cancels, []
             for msg in cancels:
@@ -608,7 +625,7 @@ class _Link:
         reaped = False
         try:
             while True:
-                with self._cv:
+                with self._mu:
                     if not self._inflight or self.broken is not None:
                         return reaped
                     w = self._inflight[0]
@@ -623,35 +640,35 @@ class _Link:
     def _reap_blocking(self) -> None:
         """gloo: block on the oldest window; data, a pair error, or op_timeout_s ends it, and
         cut() fails the transfer meanwhile if the peer is lost."""
-        with self._cv:
+        with self._mu:
             w = self._inflight[0]
         w.work.wait()
         with self._reap_lock:
             self._finish(w)
 
     def _finish(self, w: _Window) -> None:
-        with self._cv:
+        x = w.x
+        with self._mu:
             if self.broken is not None or not self._inflight or self._inflight[0] is not w:
                 return  # cut meanwhile: cut() failed the pulls
             self._inflight.popleft()
+            hdr = self._headers.pop(x.seq, None) if self.kind == "push" else None
         self.ready = True
-        x = w.x
         if self.kind == "push":
-            self._finish_push(x, w.nbytes)
+            self._finish_push(x, w.nbytes, hdr)
             return
         x.bytes_done += w.nbytes
-        if w.last and not x.aborting:
-            x._landed()
-        x._window_done()
+        x._window_done(w.last)
 
-    def _finish_push(self, x: NcclExpect, nbytes: int) -> None:
+    def _finish_push(self, x: NcclExpect, nbytes: int, hdr: dict | None) -> None:
         """x's receives completed: the source's "pushed" message (sent right after it posted the
         sends, so normally here long before they end) says whether they carried its blocks or
         filler, and brings their checksums."""
-        with self._cv:
-            self._cv.wait_for(lambda: x.seq in self._headers or self.broken is not None, self.tx.connect_timeout_s)
-            hdr = self._headers.pop(x.seq, None)
-        if not x.aborting:
+        if hdr is None:
+            with self._mu:
+                self._cv.wait_for(lambda: x.seq in self._headers or self.broken is not None, self.tx.connect_timeout_s)
+                hdr = self._headers.pop(x.seq, None)
+        if not x._aborting:
             if hdr is None:
                 x._fail(self.broken or PeerLostError(f"nccl push from {self.source}: no word from the source "
                                                      f"within {self.tx.connect_timeout_s}s of the bytes"))
@@ -660,8 +677,8 @@ class _Link:
             else:
                 if hdr.get("sums"):
                     x.desc = replace(x.desc, checksums=tuple(hdr["sums"]))
-                x.bytes_done = nbytes
-                x._landed()
+                x._window_done(True)
+                return
         x._window_done()
 
     # --- reader thread -------------------------------------------------------------------------
@@ -670,13 +687,13 @@ class _Link:
             while True:
                 msg = self.ch.recv()
                 if msg.get("op") == "pushed":
-                    with self._cv:
+                    with self._mu:
                         self._headers[msg["seq"]] = msg
                         self._cv.notify_all()
                 elif msg.get("op") == "error":  # the source tears the pair down right after
                     self._remote_error = msg
         except ChannelClosed as e:
-            with self._cv:
+            with self._mu:
                 stopping = self._stopping and not self._jobs and not self._inflight
             if stopping:
                 return

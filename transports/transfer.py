@@ -73,6 +73,8 @@ class Transfer:
     when it stops touching the destination) or override ``_progress`` (polled media)."""
 
     drain_timeout_s = 10.0  # abort(): longest wait for the medium to stop (set by the transport)
+    landing_proves_source = False  # the medium's completion proves the source lived until every
+    #                                byte had left (two-sided media): _landed reads no liveness
     spin_s = 0.0  # polled media: wait() polls without sleeping this long first (timed sleeps
     #               cost ~60 µs of latency each; worker-driven media wake wait() directly)
 
@@ -84,7 +86,10 @@ class Transfer:
         self.bytes_done = 0  # progress, updated by the medium (read-only for callers)
         self.error: TransferError | None = None
         self._state = TransferState.PENDING
-        self._cond = threading.Condition()
+        # plain critical sections take the lock itself: a Condition's ``with`` runs two Python
+        # calls, and a finished transfer passes through several of them on its way to DONE
+        self._mu = threading.RLock()
+        self._cond = threading.Condition(self._mu)
         self._aborting = False   # set by abort(): media check it between pieces
         self._quiet = False      # set when the medium no longer touches dst
         self._peer_alive = peer_alive  # (host, pid, start) -> bool
@@ -130,7 +135,7 @@ class Transfer:
                     f"KV transfer from {self.desc.buffer.agent} timed out after {timeout:.3g}s "
                     f"({self.bytes_done}/{self.nbytes} bytes)"))
                 continue
-            with self._cond:
+            with self._mu:
                 if not self._state.terminal:
                     self._cond.wait(min(left, delay))
             delay = min(max(2 * delay, 2e-5), 2e-3)
@@ -147,11 +152,11 @@ class Transfer:
     def _cancel(self) -> bool:
         """Stop the medium; return True once it no longer writes into dst, False if it did not
         stop within ``drain_timeout_s``. Default: wait for the worker to call ``_quiesce``."""
-        with self._cond:
+        with self._mu:
             return self._cond.wait_for(lambda: self._quiet, self.drain_timeout_s)
 
     def _stop(self, err: TransferError) -> None:
-        with self._cond:
+        with self._mu:
             if self._state.terminal:
                 return
             self._aborting = True
@@ -165,11 +170,11 @@ class Transfer:
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep unless aborted; True if aborted (for media that pace or back off)."""
-        with self._cond:
+        with self._mu:
             return self._cond.wait_for(lambda: self._aborting, seconds)
 
     def _set(self, state: TransferState, error: TransferError | None = None) -> bool:
-        with self._cond:
+        with self._mu:
             if self._state.terminal:
                 return False
             self._state = state
@@ -184,7 +189,7 @@ class Transfer:
         self._set(TransferState.FAILED, err)
 
     def _quiesce(self) -> None:
-        with self._cond:
+        with self._mu:
             self._quiet = True
             self._cond.notify_all()
 
@@ -192,10 +197,17 @@ class Transfer:
         """Every byte is in dst: check the source was alive throughout, then the checksums.
         ``strict``: also see a source that is dying but not yet gone (a /proc read, µs; default:
         for pulls from 1 MiB up, long enough for a source to start dying during them)."""
+        if self._verify(strict):
+            self.bytes_done = self.nbytes
+            self._set(TransferState.DONE)
+
+    def _verify(self, strict: bool | None = None) -> bool:
+        """The end checks of ``_landed`` (FAILED if one fails); True if they pass."""
         b = self.desc.buffer
-        if not self._peer_alive(b.host, b.pid, b.pid_start, self.nbytes >= 1 << 20 if strict is None else strict):
+        if not self.landing_proves_source and not self._peer_alive(
+                b.host, b.pid, b.pid_start, self.nbytes >= 1 << 20 if strict is None else strict):
             self._fail(PeerLostError(f"source process {b.pid} ({b.agent}) died during the transfer"))
-            return
+            return False
         if self.desc.checksums:
             from lmdisagg.transports._blocks import block_checksums
             got = block_checksums(self.dst.flat, self.dst_blocks, self.desc.block_nbytes)
@@ -204,9 +216,8 @@ class Transfer:
                     self._fail(TransferCorruptError(
                         f"block {self.desc.block_ids[i]} from {b.agent} arrived corrupt "
                         f"(xxh3 {have:016x}, expected {want:016x})"))
-                    return
-        self.bytes_done = self.nbytes
-        self._set(TransferState.DONE)
+                    return False
+        return True
 
 
 def failed_transfer(desc: "ChunkDesc", dst: "Buffer", dst_blocks: tuple[int, ...], err: TransferError) -> Transfer:
