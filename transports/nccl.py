@@ -30,7 +30,8 @@ the pull was made (whichever thread posts it). Up to ``windows_in_flight`` windo
 posted at once, across pulls: the next pull's windows go out while earlier ones move. A pull
 made while its pair is idle posts its first windows in the caller's thread (no hand-off), the
 pair's link thread the rest as room frees up. Windows are reaped in order, and the last one of a
-pull finishes it (liveness, checksums → DONE): on NCCL by the threads that poll or wait on pulls
+pull finishes it (checksums → DONE; its completed receives prove the source lived until the
+bytes left, so no liveness read): on NCCL by the threads that poll or wait on pulls
 (again no hand-off; the link thread looks every 0.2-1 ms as a backstop), on gloo by the link
 thread, whose waits block.
 
@@ -1044,9 +1045,7 @@ class NcclTransport(Transport):
                     link.stop()
                     self._dead_links.append(link)
                 link = self._links[b.agent] = _Link(self, b.agent, b.address)
-        # the source's completed sends prove it lived until the bytes left: the cheap (pidfd)
-        # check at the end suffices, not the strict /proc read one-sided media need
-        x = NcclTransfer(desc, dst, dst_blocks, lambda host, pid, start, strict=False: self.peer_alive(host, pid, start))
+        x = NcclTransfer(desc, dst, dst_blocks)  # no liveness read at the end (landing_proves_source)
         x.link = link
         if self.backend == "nccl":
             x.spin_s = 0.05  # a window lands within ms: poll for DONE rather than sleep
@@ -1075,7 +1074,7 @@ class NcclTransport(Transport):
                 checksum: bool) -> Transfer:
         desc = ChunkDesc(source, dst_blocks, block_nbytes)  # block ids: the destination's (the source's
         #                                                     are not known yet)
-        x = NcclExpect(desc, dst, dst_blocks, lambda host, pid, start, strict=False: self.peer_alive(host, pid, start))
+        x = NcclExpect(desc, dst, dst_blocks)
         if not self.peer_alive(source.host, source.pid, source.pid_start):
             x._fail(PeerLostError(f"source process {source.pid} ({source.agent}) is gone"))
             x._quiesce()

@@ -6,7 +6,8 @@
 
 States only move forward; DONE and FAILED are final. The medium drives a transfer through
 ``_start`` / ``_landed`` / ``_fail``; callers only ``poll``, ``wait`` and ``abort``. ``_landed``
-is where every medium gets the same end checks: the source still alive, checksums matching.
+is where every medium gets the same end checks: the source still alive (unless the medium's own
+completion proves it was: ``landing_proves_source``), checksums matching.
 """
 from __future__ import annotations
 
@@ -194,7 +195,7 @@ class Transfer:
             self._cond.notify_all()
 
     def _landed(self, strict: bool | None = None) -> None:
-        """Every byte is in dst: check the source was alive throughout, then the checksums.
+        """Every byte is in dst: check the source was alive throughout, then the checksums; DONE.
         ``strict``: also see a source that is dying but not yet gone (a /proc read, µs; default:
         for pulls from 1 MiB up, long enough for a source to start dying during them)."""
         if self._verify(strict):
