@@ -153,16 +153,19 @@ class Worker:
         if b is not None:
             self._outbox.append(b.to_msgpack())
 
-    def _add(self, e: Engine, req: GenerateRequest, prefill_only: bool = False) -> None:
+    def _add(self, e: Engine, req: GenerateRequest, prefill_only: bool = False, on_admit=None) -> None:
         """Admit a request (loop thread): at once, or after its cached chunks load from the store.
-        Typed errors are raised here, before anything is queued."""
+        Typed errors are raised here, before anything is queued. ``on_admit()`` runs (loop
+        thread) right before the engine takes the request."""
         if self.bridge is None:
+            if on_admit is not None:
+                on_admit()
             self._admit(e, req, prefill_only)
             return
         if req.request_id in self._loading or req.request_id in e.seqs:
             raise InvalidRequestError(f"request id {req.request_id!r} is already running")
         e.validate(req.prompt_token_ids, req.params)
-        self._loading[req.request_id] = (req, prefill_only)
+        self._loading[req.request_id] = (req, prefill_only, on_admit)
         self.bridge.start_load(req.request_id, req.context_token_ids, salt=req.params.cache_salt)
 
     @staticmethod
@@ -174,10 +177,12 @@ class Worker:
         entry = self._loading.pop(r.request_id, None)
         if entry is None:  # aborted while loading: its chunks stay cached
             return
-        req, prefill_only = entry
+        req, prefill_only, on_admit = entry
         for tier, n in r.served.items():
             self.counters[f"store_{tier}_chunks"] = self.counters.get(f"store_{tier}_chunks", 0) + n
         try:
+            if on_admit is not None:
+                on_admit()
             self._admit(e, req, prefill_only)
         except LmdisaggError as err:
             self.loop.fail(req.request_id, err)
@@ -288,13 +293,18 @@ class PrefillWorker(Worker):
         the request; with ``transport.push`` the KV is pushed into blocks it expects."""
         self.counters["requests"] += 1
         expecting = None
-        if decode is not None and self.kv.push_enabled:
+
+        def expect() -> None:  # the loop thread, as the engine takes the prompt (see _prefill)
+            nonlocal expecting
             e = self.engine
-            expecting = decode.expect.remote(req, self.kv.buffer.desc, tuple(e.layout.__dict__.values()),
-                                             e.namespace.digest())
+            try:
+                expecting = decode.expect.remote(req, self.kv.buffer.desc, tuple(e.layout.__dict__.values()),
+                                                 e.namespace.digest())
+            except Exception as err:  # noqa: BLE001 - never fail the prompt for it: the decode worker pulls
+                log.warning("could not ask the decode worker to expect %s (%s); it will pull", req.request_id, err)
         pushed = False
         try:
-            res = await self._prefill(req)
+            res = await self._prefill(req, expect if decode is not None and self.kv.push_enabled else None)
             if res.handle is not None and expecting is not None:
                 pushed = await self._push(req.request_id, res.handle, expecting)
                 if pushed:
@@ -348,11 +358,16 @@ class PrefillWorker(Worker):
             self.counters["push_failures"] += 1
             log.warning("KV push of %s failed: %s", rid, job.error)
 
-    async def _prefill(self, req: GenerateRequest) -> PrefillResult:
+    async def _prefill(self, req: GenerateRequest, on_admit=None) -> PrefillResult:
+        """``on_admit()``: called (loop thread) as the engine takes the request, after its grammar
+        compile (seconds for a large schema) and its chunks' load from the KV store. The decode
+        worker's expectation is made there: pushes to one decode worker land in the order of its
+        expectations, and the engine computes prompts in the order it takes them, so none waits
+        behind an earlier prompt's compile or load."""
         q = self.loop.open_stream(req.request_id)
         try:
             await self._compile(req)
-            await self.loop.call(lambda e: self._add(e, req, prefill_only=True))
+            await self.loop.call(lambda e: self._add(e, req, prefill_only=True, on_admit=on_admit))
             try:
                 out = await asyncio.wait_for(q.get(), self.timeouts["first_token_s"])
             except asyncio.TimeoutError:

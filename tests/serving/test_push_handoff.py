@@ -73,6 +73,47 @@ def test_push_gives_the_same_tokens_and_frees_every_block(local_ray, engine):
         pipe.shutdown()
 
 
+def test_a_slow_grammar_compile_holds_up_no_other_prompts_push(local_ray, engine):
+    """Pushes to one decode worker land in the order of its expectations. A structured prompt's
+    expectation is made only once its grammar is compiled (seconds for a large schema), so a
+    plain prompt sent meanwhile is pushed, and finished, before the structured one's first token.
+    With a KV store (host tier) on, so that every prompt reaches the engine through a store lookup."""
+    import json
+    import threading
+    import time
+
+    from lmdisagg import Pipeline, Role
+    from lmdisagg.config import TransportSettings
+    pipe = Pipeline(model="smollm2-135m", prefill=Role(), decode=Role(), kv_cache_bytes=1 << 29,
+                    transport=TransportSettings(name="nccl", push=True), store={"cpu_bytes": 1 << 28}).start()
+    # seconds to compile on the 2-core VM (xgrammar): a plain request takes a fraction of that
+    n = 3000
+    schema = json.dumps({"type": "object", "required": [f"f{i}" for i in range(n)], "properties": {
+        f"f{i}": {"type": "string", "pattern": f"^[a-z]{{{i % 7 + 1},{i % 7 + 9}}}-[0-9]{{2,5}}$"} for i in range(n)}})
+    seen: dict = {}
+
+    def structured():
+        try:
+            for d in pipe.stream("Fill in the form.", max_tokens=2, structured=("json", schema)):
+                seen.setdefault("first", time.monotonic())
+        except Exception as e:  # noqa: BLE001 - reported below
+            seen["error"] = e
+    try:
+        expected = engine.generate("Name a colour.", SamplingParams(max_tokens=6, ignore_eos=True))[0]
+        th = threading.Thread(target=structured)
+        th.start()
+        wait_until(lambda: pipe.worker_stats()["prefill-0"].stats["requests"] >= 1, 30)  # compiling now
+        assert pipe.generate("Name a colour.", max_tokens=6, ignore_eos=True).token_ids == expected.token_ids
+        plain_done = time.monotonic()
+        th.join(120)
+        assert "error" not in seen and "first" in seen
+        assert plain_done < seen["first"], "the plain prompt's push waited for the structured one's"
+        d = pipe.worker_stats()["decode-0"].stats
+        assert d["pushed_chunks"] == 2 and d["pulled_chunks"] == 0 and d["transfer_failures"] == 0
+    finally:
+        pipe.shutdown()
+
+
 def test_push_needs_a_medium_that_can_push():
     from pydantic import ValidationError
 
