@@ -107,12 +107,15 @@ class CudaIpcTransfer(Transfer):
 
     def _progress(self, strict: bool | None = None) -> None:
         with self._mu:
-            if self._state.terminal or self._done is None or not self._done(self._synced):
+            done = self._done
+            if done is None or self._state.terminal or not done(self._synced):
                 return
-            self.bytes_done = self.nbytes
-            self._landed(strict)  # DONE or FAILED, waiters notified (they wake once this lock is free)
             self._src = self._done = self._sync = None
-            self._quiet = True  # nothing queued writes into dst any more: no second notify
+            self._quiet = True  # nothing queued writes into dst any more
+            if self._verify(strict):  # else FAILED, waiters woken
+                self.bytes_done = self.nbytes
+                self._state = TransferState.DONE
+                self._cond.notify_all()  # they wake once this lock is free
 
     def _release(self) -> None:
         self._src = self._done = self._sync = None
