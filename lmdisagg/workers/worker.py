@@ -7,13 +7,15 @@ Lifecycle of one disaggregated request (numbers match the router's):
     2. DecodeWorker.decode(req, h)  yield the first token → claim blocks (cached chunks reused) →
                                     pull the missing chunks + tail → release the prefill blocks →
                                     decode → yield deltas
-    3. abort(request_id)            on either side, any time: frees the request's blocks
+    3. abort(request_id)            on either side, any time: frees the request's blocks (one
+                                    that lands while its KV still moves is dropped once it has)
 
 With ``transport.push`` (nccl), the KV moves while the router is still waiting for the prefill:
 
-    1a. PrefillWorker.prefill(req, decode) first asks the decode worker to expect the prompt:
-        DecodeWorker.expect claims blocks (cached chunks reused), posts receives for the rest,
-        and answers with a ticket; the prompt is computed meanwhile
+    1a. PrefillWorker.prefill(req, decode), as its engine takes the prompt (after a grammar
+        compile or a KV-store load), asks the decode worker to expect it: DecodeWorker.expect
+        claims blocks (cached chunks reused), posts receives for the rest, and answers with a
+        ticket; the prompt is computed meanwhile
     1b. once the prompt's blocks are computed, the prefill worker pushes them (``pushed`` in the
         handle); it cancels the expectation instead if it will not push (the first token ended
         the request, a failure): the decode worker frees those blocks
@@ -428,7 +430,9 @@ class DecodeWorker(Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._expected: dict[str, _Expected] = {}
-        self._aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts: refuse a late expect
+        # recent aborts: a late expect is refused, and a request whose KV was still moving is
+        # dropped once it has landed
+        self._aborted: OrderedDict[str, None] = OrderedDict()
 
     async def expect(self, req: GenerateRequest, source, layout: tuple, namespace: bytes):
         """Push handoff (called by the prefill worker while it computes the prompt): hold blocks
@@ -522,6 +526,8 @@ class DecodeWorker(Worker):
                     rid, req.prompt_token_ids, handle.first_token, req.params, None,
                     num_text_emitted=handle.num_text_emitted, generator_state=_gen_state(handle),
                     resumed=list(req.resumed)))
+            if rid in self._aborted:  # the abort came while the KV moved, before the engine had it
+                return                # (_finish aborts it there now, and frees its blocks)
             async for delta in self._drain(q, rid, self.timeouts["first_token_s"]):
                 yield delta
         finally:

@@ -117,6 +117,37 @@ def test_failed_transfers_recompute_and_lose_nothing(local_ray, engine, fault):
         pipe.shutdown()
 
 
+def test_a_request_aborted_while_its_kv_moves_is_dropped_when_it_lands(local_ray):
+    """The client goes away after the first token, while the decode worker still pulls the
+    prompt's KV (fake transport, 3 s per transfer). The router's abort reaches the decode worker
+    before the request is in its engine: once the KV lands the request is dropped, not decoded
+    to its 2000 tokens, and every block is free."""
+    from openai import OpenAI
+
+    from lmdisagg import Pipeline, Role
+    from lmdisagg.config import TransportSettings
+    pipe = Pipeline(model="smollm2-135m", prefill=Role(), decode=Role(), kv_cache_bytes=1 << 29,
+                    transport=TransportSettings(name="fake", fake={"latency_s": 3.0})).start()
+    try:
+        client = OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=60)
+        stream = client.completions.create(model="smollm2-135m", prompt="Tell me a long story. " * 40,
+                                           max_tokens=2000, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))  # the first token: the prefill is done, the KV is moving
+        stream.close()
+        d = pipe.worker_stats()["decode-0"]
+        assert d.stats["pulled_chunks"] == 0, "the pull ended before the client left: make it slower"
+
+        def all_free():
+            ws = pipe.worker_stats()
+            return all(w.free_blocks == w.total_blocks and w.running == 0 and w.stats["held"] == 0
+                       for w in ws.values()) and ws
+        ws = wait_until(all_free, 15)  # 3 s of pull; decoding 2000 tokens here takes far longer
+        assert ws["decode-0"].stats["pulled_chunks"] > 0 and ws["decode-0"].stats["aborted"] >= 1
+    finally:
+        pipe.shutdown()
+
+
 def test_ray_job_submit():
     """A real head on 127.0.0.1 and the README's `ray job submit --working-dir . -- lmdisagg serve`,
     with an API key in the job's environment."""
