@@ -9,7 +9,10 @@
 The source lives in another process (spawned, as workers are): it allocates one buffer with its
 transport's allocator (so shm serves it zero-copy, like a prefill engine made with
 ``kv_allocator=tx.allocate``), fills it, registers it and describes blocks on request. This process
-pulls into a registered destination buffer in ordinary memory (a decode engine's default cache). Timed: ``pull`` + ``wait`` of
+pulls into a registered destination buffer from the same transport's allocator (a decode engine's
+cache in serving, made with ``kv_allocator=tx.allocate``; nccl pairs then run registered where
+NCCL allows, see ``transports/_nccl_mem.py``; runs before 2026-11-28 used ordinary memory here,
+which only nccl tells apart). Timed: ``pull`` + ``wait`` of
 ``size // block`` contiguous blocks (the descriptor is made beforehand, not timed). Each size: one
 warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls;
 the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
@@ -585,9 +588,9 @@ def bench_medium(label, spec, sizes, tcp_source):
     span = DEPTH * top if limit in ("D2D copy", "peer copy") else top
     src = Source(name, options, src_dev, span)
     tx = create_transport(name, **options)
-    # the destination is a decode engine's cache in its own (default) memory; pages faulted in,
-    # as a running worker's cache is
-    dst = tx.register(torch.zeros(span, dtype=torch.uint8, device=dst_dev))
+    # the destination is a decode engine's cache, in the memory its transport allocates (as the
+    # engine's kv_allocator does in serving); pages faulted in, as a running worker's cache is
+    dst = tx.register(tx.allocate((span,), torch.uint8, dst_dev).fill_(0))
     # how it launches: cuda_ipc's launcher, nccl's runtime ("cupy" or "torch")
     launcher = getattr(getattr(tx, "launcher", None), "name", None) or getattr(tx, "runtime", None)
     raw = None

@@ -17,6 +17,12 @@ until the pair breaks (then the next pull makes a new epoch):
             per-op Python and bookkeeping cost ~60-90 µs per window on each side (runtime
             "auto" logs a warning when it falls back to this for want of cupy).
 
+A cupy pair runs *registered* when both ends say, as it forms, that every buffer they have
+registered is NCCL memory from ``allocate`` (``register_memory``, ``_nccl_mem.py``): each end
+registers what it posts from with the pair's communicator on first use, and NCCL writes straight
+into the destination's blocks (staging copies and filler come from a registered pool). Else the
+pair is staged through NCCL's own buffers, as NCCL requires both ends of an op to agree.
+
 A pull is cut into windows (<= ``window_nbytes``). For each window, in one order per pair (NCCL
 p2p ops of a pair must match in order)::
 
@@ -154,6 +160,8 @@ class _Works:
 class _TorchPlane:
     """A 2-rank torch.distributed group: gloo (CPU buffers), or NCCL without cupy."""
 
+    registered = False
+
     def __init__(self, pg, peer: int, backend: str):
         self.pg, self.peer = pg, peer
         self.pollable = backend == "nccl"  # gloo completes p2p works only inside wait()
@@ -199,10 +207,14 @@ class _CupyPlane:
 
     pollable = True
 
-    def __init__(self, nccl, uid, rank: int, device: int):
+    def __init__(self, nccl, uid, rank: int, device: int, mem=None):
+        """``mem`` (an ``NcclMemory``): the pair runs registered (both ends agreed): whatever
+        is posted on it must be that memory, registered with the communicator on first use."""
         from cupy.cuda import runtime as rt
         self.nccl, self.rt, self.peer, self.device = nccl, rt, 1 - rank, device
+        self.mem = self.regs = None
         self._lock = threading.Lock()
+        self._calls = threading.Lock()  # registered pairs: posts and deregistration never overlap
         prev = rt.getDevice()
         rt.setDevice(device)
         try:
@@ -211,12 +223,23 @@ class _CupyPlane:
             self.comm = nccl.NcclCommunicator(2, uid, rank)  # returns once both ranks joined
             self.stream = rt.streamCreateWithFlags(rt.streamNonBlocking)
             self.after = rt.eventCreateWithFlags(rt.eventDisableTiming)
+            if mem is not None:
+                from lmdisagg.transports._nccl_mem import Registrations
+                self.mem, self.regs = mem, Registrations(mem.lib, self.comm, rank)
         finally:
             rt.setDevice(prev)
+
+    @property
+    def registered(self) -> bool:
+        return self.regs is not None
 
     def post(self, base: torch.Tensor, pieces, tag: int, send: bool, after=None) -> _Event:
         """``after``: receives land after the work queued on this torch stream (default: the
         posting thread's current stream); sends read after it only if it is given."""
+        with self._calls:
+            return self._post(base, pieces, tag, send, after)
+
+    def _post(self, base: torch.Tensor, pieces, tag: int, send: bool, after) -> _Event:
         rt, nccl, comm = self.rt, self.nccl, self.comm
         if comm is None:
             raise RuntimeError("the pair's NCCL communicator was aborted")
@@ -224,6 +247,13 @@ class _CupyPlane:
         if prev != self.device:
             rt.setDevice(self.device)
         try:
+            if self.regs is not None:  # both ends of every op registered, or the pair hangs
+                seg = self.mem.segment_of(base)
+                if seg is None:
+                    raise TransferError("this nccl pair moves registered memory (from the transport's allocate) "
+                                        "only; register every buffer before the first transfer, or pass "
+                                        "register_memory=False")
+                self.regs.ensure(seg)
             if not send or after is not None:  # land after (pushes: read after) the caller's queued work
                 rt.eventRecord(self.after, after.cuda_stream if after is not None
                                else torch._C._cuda_getCurrentRawStream(self.device))
@@ -243,14 +273,22 @@ class _CupyPlane:
                 rt.setDevice(prev)
 
     def abort(self) -> None:
-        """Stop the pair's NCCL kernels now (from any thread; once)."""
+        """Stop the pair's NCCL kernels now (from any thread; once). A registered pair first
+        gives its registrations back (ncclCommDeregister): an abort that still holds some
+        tears them down after its proxy is gone, and segfaulted so on 2xH200 (NCCL 2.28.9)."""
         with self._lock:
             comm, self.comm = self.comm, None
-        if comm is not None:
+        if comm is None:
+            return
+        if self.regs is not None and self._calls.acquire(timeout=1.0):  # else a post is stuck in NCCL
             try:
-                comm.abort()
-            except Exception as e:
-                log.debug("nccl comm abort: %r", e)
+                self.regs.release()
+            finally:
+                self._calls.release()
+        try:
+            comm.abort()
+        except Exception as e:
+            log.debug("nccl comm abort: %r", e)
 
     def close(self) -> None:
         self.abort()
@@ -469,10 +507,10 @@ class _Link:
             self._jobs.clear()
             self._inflight.clear()
             self._cv.notify_all()
+        if (plane := self.plane) is not None:  # the data plane first: see NcclTransport._close
+            plane.abort()
         if self.ch is not None:
             self.ch.close()
-        if self.plane is not None:
-            self.plane.abort()
         for x in victims:
             x._fail(self.broken)
             x._quiesce()
@@ -556,10 +594,10 @@ class _Link:
             log.exception("nccl link to %s failed", self.source)
             self.cut(TransferError(f"nccl pull from {self.source} failed: {e!r}"))
         finally:
+            if self.plane is not None:  # the data plane first: see NcclTransport._close
+                self.plane.close()
             if self.ch is not None:
                 self.ch.close()
-            if self.plane is not None:
-                self.plane.close()
             self.plane = None  # frees the group's gloo device / NCCL communicator
 
     def _connect(self) -> None:
@@ -569,14 +607,15 @@ class _Link:
         self.ch = Channel.connect(self.host, self.ctl_port, tx.connect_timeout_s)
         epoch = self.epoch
         self.ch.send({"op": "hello", "agent": tx.agent, "epoch": epoch, "backend": tx.backend,
-                      "runtime": tx.runtime, "kind": self.kind})
+                      "runtime": tx.runtime, "kind": self.kind, "registered": tx._registrable()})
         if tx.runtime == "cupy":
             msg = self.ch.recv(timeout=tx.connect_timeout_s)
             if msg is None:
                 raise PeerLostError(f"nccl: {self.source} sent no NCCL id within {tx.connect_timeout_s}s")
             if msg.get("op") != "nccl_id":
                 raise TransferError(f"nccl pair with {self.source} refused: {msg.get('msg')}")
-            self.plane = _CupyPlane(tx.nccl, msg["id"], 1, tx.device)
+            # registered only if both ends are: the source says so with the id
+            self.plane = _CupyPlane(tx.nccl, msg["id"], 1, tx.device, tx._mem if msg.get("registered") else None)
         else:
             store = dist.TCPStore(self.host, self.store_port, is_master=False,
                                   timeout=timedelta(seconds=tx.connect_timeout_s))
@@ -587,7 +626,7 @@ class _Link:
             # first NCCL op connects it, and a receive posted before the source's first send
             # hung that send (2xH200); asked first, as pulls ask, it does not
             self.ch.send({"op": "warm"})
-            _wait_work(self.plane.post(tx.scratch(1), [(0, 1)], 0, send=False), self.plane,
+            _wait_work(self.plane.post(tx.scratch(1, self.plane), [(0, 1)], 0, send=False), self.plane,
                        tx.connect_timeout_s, f"nccl push pair with {self.source}: warm-up")
             self.ready = True
         reader = threading.Thread(target=self._read, name=f"lmdisagg-nccl-read-{self.source}", daemon=True)
@@ -788,7 +827,7 @@ class _Peer:
                 if job is not None:
                     job._fail(TransferAbortedError(f"push {seq} to {self.key[0]}: the destination aborted it"))
                     job._quiesce()
-                filler = self.tx.scratch(max(sizes))
+                filler = self.tx.scratch(max(sizes), self.plane)
                 work = self.plane.post(filler, [(0, n) for n in sizes], tag, send=True)
                 work.keep = filler
                 self.sends.append(work)
@@ -858,9 +897,9 @@ class _Peer:
             victims = list(self.queued.values()) + self.pushing
             self.queued.clear()
             self.pushing = []
+        if (plane := self.plane) is not None:  # the data plane first: see NcclTransport._close
+            plane.abort()
         self.ch.close()
-        if self.plane is not None:
-            self.plane.abort()
         for job in victims:
             job.base = job.work = None
             job._fail(err)
@@ -881,8 +920,11 @@ class _Peer:
                 torch.cuda.set_device(tx.device)
             if tx.runtime == "cupy":
                 uid = tx.nccl.get_unique_id()
-                self.ch.send({"op": "nccl_id", "id": uid if isinstance(uid, bytes) else list(uid)})
-                self.plane = _CupyPlane(tx.nccl, uid, 0, torch.cuda.current_device())
+                registered = bool(hello.get("registered")) and tx._registrable()
+                self.ch.send({"op": "nccl_id", "id": uid if isinstance(uid, bytes) else list(uid),
+                              "registered": registered})
+                self.plane = _CupyPlane(tx.nccl, uid, 0, torch.cuda.current_device(),
+                                        tx._mem if registered else None)
             else:
                 pg = make_pair_group(tx.backend, dist.PrefixStore(f"{hello['agent']}/{hello['epoch']}", tx._store),
                                      0, tx)
@@ -907,9 +949,9 @@ class _Peer:
             if self.key is not None:
                 self.tx._forget_push_peer(self)
                 self.lose(PeerLostError(f"nccl push pair with {self.key[0]} lost: the destination died or closed"))
-            self.ch.close()
-            if self.plane is not None:
+            if self.plane is not None:  # the data plane first: see NcclTransport._close
                 self.plane.close()
+            self.ch.close()
             self.sends.clear()
             self.plane = None  # gloo closes the pair's sockets when the group is freed
 
@@ -921,7 +963,7 @@ class _Peer:
             op = msg.get("op")
             if op == "warm":
                 with self.push_lock:
-                    work = self.plane.post(tx.scratch(1), [(0, 1)], 0, send=True)
+                    work = self.plane.post(tx.scratch(1, self.plane), [(0, 1)], 0, send=True)
                 _wait_work(work, self.plane, tx.connect_timeout_s, f"nccl push pair with {hello['agent']}: warm-up")
                 self.key = (hello["agent"], hello["epoch"])
                 tx._add_push_peer(self)
@@ -939,6 +981,9 @@ class _Peer:
         elif any(off < 0 or off + n > buf.desc.nbytes for off, n in msg["pieces"]):
             bad, kind = (f"requested bytes lie outside buffer {msg['buffer']} ({buf.desc.nbytes} bytes) "
                          f"of {self.tx.agent}: truncated descriptor"), "range"
+        elif self.plane.registered and self.tx._mem.segment_of(buf.flat) is None:
+            bad, kind = (f"buffer {msg['buffer']} of {self.tx.agent} was registered after this registered pair "
+                         f"formed and is not from the transport's allocate"), "unregistered"
         if bad is not None:  # reply, then tear the pair down: the peer's posted recvs must fail
             self.ch.send({"op": "error", "kind": kind, "tag": msg["tag"], "msg": bad})
             raise ChannelClosed(bad)
@@ -952,7 +997,7 @@ class NcclTransport(Transport):
     def __init__(self, *, backend: str = "auto", host: str = "127.0.0.1", checksum: bool = False,
                  drain_timeout_s: float = 10.0, window_nbytes: int | None = None, windows_in_flight: int = 4,
                  connect_timeout_s: float = 30.0, op_timeout_s: float = 30.0, device: int | None = None,
-                 runtime: str = "auto"):
+                 runtime: str = "auto", register_memory: bool | None = None):
         """``backend``: "nccl" (CUDA buffers), "gloo" (CPU buffers) or "auto" (nccl when CUDA is
         available). ``runtime`` (nccl backend): "cupy" (NCCL through cupy's bindings), "torch"
         (a torch.distributed group) or "auto" (cupy if it loads). ``host``: the address this
@@ -961,7 +1006,10 @@ class NcclTransport(Transport):
         FAILS at once); ``device``: the CUDA device of this worker's buffers (default: that of
         the first registered buffer). ``window_nbytes``: bytes per request window, the unit of
         abort, default 256 MiB on NCCL and 64 MiB on gloo; ``windows_in_flight``: windows a
-        pair keeps posted, across pulls."""
+        pair keeps posted, across pulls. ``register_memory`` (cupy runtime): ``allocate`` hands out
+        NCCL's registrable memory and pairs whose both ends hold only such buffers move it
+        zero-copy (see ``_nccl_mem``); None: when this NCCL (>= 2.23) and cupy allow it, True:
+        required, False: never."""
         super().__init__(checksum=checksum, drain_timeout_s=drain_timeout_s)
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -979,6 +1027,18 @@ class NcclTransport(Transport):
             warn_torch_path("nccl", why, "a torch.distributed group costs ~60-90 µs more per window on each "
                             "side (lone 64 MiB pulls on 2xH200: 0.42-0.43 of a peer copy against 0.48-0.58)")
         self.runtime = "cupy" if self.nccl is not None else "torch"
+        self._mem = None  # NcclMemory: registrable memory, when pairs may run registered
+        if self.runtime == "cupy" and register_memory is not False:
+            from lmdisagg.transports._nccl_mem import NcclMemory, ub_lib
+            lib, why = ub_lib()
+            if lib is not None:
+                self._mem = NcclMemory(lib)
+            elif register_memory:
+                raise TransferError(f"nccl register_memory=True: {why}")
+            else:
+                log.info("nccl: buffers move through NCCL's staging (no registration): %s", why)
+        elif register_memory:
+            raise TransferError("nccl register_memory=True needs backend 'nccl' with the cupy runtime")
         if backend == "nccl" and self.runtime == "torch":  # gloo and cupy's NCCL push
             self.supports_push = False
             self.why_no_push = ("a torch.distributed NCCL group's watchdog ends a receive that waits longer than "
@@ -995,7 +1055,7 @@ class NcclTransport(Transport):
         self._server = socket.create_server((host, 0))
         self.address = f"{host}:{self._server.getsockname()[1]}:{self._store_sock.getsockname()[1]}"
         self._links: dict[str, _Link] = {}
-        self._dead_links: list[_Link] = []  # broken links whose threads may still be unwinding
+        self._dead_links: list[_Link] = []  # broken or retired links whose threads may still run
         self._peers: list[_Peer] = []
         self._push_peers: dict[tuple, _Peer] = {}  # (destination agent, epoch) -> its warmed-up push pair
         self._gone_push_peers: set[tuple] = set()
@@ -1015,6 +1075,27 @@ class NcclTransport(Transport):
                     return
                 self._peers = [p for p in self._peers if p.thread.is_alive()]
                 self._peers.append(_Peer(self, sock))
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """Zeroed memory NCCL can register (``ncclMemAlloc``) when pairs may run registered,
+        else ordinary memory. It is freed when the tensor ends, or at ``close`` if later."""
+        device = torch.device(device)
+        if self._mem is None or device.type != "cuda":
+            return super().allocate(shape, dtype, device)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return self._mem.allocate(nbytes, index).view(dtype).view(tuple(shape))
+
+    def _registrable(self) -> bool:
+        """This end can run a pair registered: every buffer it has registered is NCCL memory."""
+        if self._mem is None:
+            return False
+        with self._lock:
+            bufs = list(self._buffers.values())
+        return all(self._mem.segment_of(b.flat) is not None for b in bufs)
 
     def _register(self, buf: Buffer, buffer_id: int) -> tuple[str, bytes]:
         want = "cuda" if self.backend == "nccl" else "cpu"
@@ -1038,13 +1119,7 @@ class NcclTransport(Transport):
         b = desc.buffer
         if not self.peer_alive(b.host, b.pid, b.pid_start):
             return failed_transfer(desc, dst, dst_blocks, PeerLostError(f"source process {b.pid} ({b.agent}) is gone"))
-        with self._lock:
-            link = self._links.get(b.agent)
-            if link is None or link.broken is not None:
-                if link is not None:
-                    link.stop()
-                    self._dead_links.append(link)
-                link = self._links[b.agent] = _Link(self, b.agent, b.address)
+        link = self._link_for(b.agent, b, dst, "pull")
         x = NcclTransfer(desc, dst, dst_blocks)  # no liveness read at the end (landing_proves_source)
         x.link = link
         if self.backend == "nccl":
@@ -1053,9 +1128,29 @@ class NcclTransport(Transport):
         link.submit(x)
         return x
 
+    def _link_for(self, key, source: BufferDesc, dst: Buffer, kind: str) -> _Link:
+        """The pair's link: a new one if it broke, or if it runs registered and ``dst`` is not
+        registrable memory (registered after the pair formed; the old link is not stopped, so
+        what it has in flight finishes, and goes at close)."""
+        with self._lock:
+            link = self._links.get(key)
+            if link is not None and link.broken is None and (plane := link.plane) is not None \
+                    and plane.registered and self._mem.segment_of(dst.flat) is None:
+                self._dead_links.append(link)
+                link = None
+            if link is None or link.broken is not None:
+                if link is not None:
+                    link.stop()
+                    self._dead_links.append(link)
+                link = self._links[key] = _Link(self, source.agent, source.address, kind=kind)
+            return link
+
     # --- push ------------------------------------------------------------------------------------
-    def scratch(self, nbytes: int) -> torch.Tensor:
-        """Bytes to send as filler or receive a warm-up into, on this transport's device."""
+    def scratch(self, nbytes: int, plane=None) -> torch.Tensor:
+        """Bytes to send as filler or receive a warm-up into, on this transport's device (from
+        the registered pool if ``plane`` runs registered)."""
+        if plane is not None and plane.registered:
+            return self._mem.lend(nbytes, self.device)
         return torch.empty(nbytes, dtype=torch.uint8,
                            device=torch.device("cuda", self.device) if self.backend == "nccl" else "cpu")
 
@@ -1079,15 +1174,7 @@ class NcclTransport(Transport):
             x._fail(PeerLostError(f"source process {source.pid} ({source.agent}) is gone"))
             x._quiesce()
             return x
-        with self._lock:
-            key = (source.agent, "push")
-            link = self._links.get(key)
-            if link is None or link.broken is not None:
-                if link is not None:
-                    link.stop()
-                    self._dead_links.append(link)
-                link = self._links[key] = _Link(self, source.agent, source.address, kind="push")
-        x.link = link
+        x.link = link = self._link_for((source.agent, "push"), source, dst, "push")
         x.windows = deque([[(d, d, n) for _, d, n in byte_runs(dst_blocks, dst_blocks, block_nbytes)]])
         if self.backend == "nccl":
             x.spin_s = 0.05
@@ -1108,12 +1195,12 @@ class NcclTransport(Transport):
         for n in ticket.sizes:
             cuts.append((at, at + n // bn))
             at += n // bn
+        gather = None
         if all(block_ids[b:e] == tuple(range(block_ids[b], block_ids[b] + e - b)) for b, e in cuts):
             job.base, job.pieces = src.flat, [(block_ids[b] * bn, (e - b) * bn) for b, e in cuts]
-        else:
-            rows = src.flat[:src.desc.nbytes // bn * bn].view(-1, bn)
-            index = torch.tensor(block_ids, dtype=torch.int64, device=src.flat.device)
-            job.base = rows.index_select(0, index).view(-1)  # on the caller's stream: sends read after it
+        else:  # gathered below, once the pair (registered or not) is known
+            gather = (src.flat[:src.desc.nbytes // bn * bn].view(-1, bn),
+                      torch.tensor(block_ids, dtype=torch.int64, device=src.flat.device))
             job.pieces = [(b * bn, (e - b) * bn) for b, e in cuts]
         if ticket.checksum:
             from lmdisagg.transports._blocks import block_checksums
@@ -1130,6 +1217,13 @@ class NcclTransport(Transport):
             job._fail(PeerLostError(f"nccl push: destination {ticket.dest_agent} {why}"))
             job._quiesce()
             return job
+        if gather is not None:  # on the caller's stream: the sends read after it
+            rows, index = gather
+            if peer.plane is not None and peer.plane.registered:
+                job.base = self._mem.lend(len(block_ids) * bn, self.device)
+                torch.index_select(rows, 0, index, out=job.base.view(-1, bn))
+            else:
+                job.base = rows.index_select(0, index).view(-1)
         job.peer = peer
         peer.push(job)
         return job
@@ -1141,15 +1235,25 @@ class NcclTransport(Transport):
             links, self._links = list(self._links.values()) + self._dead_links, {}
             peers, self._peers = list(self._peers), []
         _close_listener(self._server)
+        # each pair's data plane goes before its control connection: the peer tears its side down
+        # only on seeing the connection close, so a registered pair's deregistration (which goes
+        # through the peer's NCCL proxy) finds the peer still up, and the two ends never abort a
+        # communicator at the same time
         for link in links:
             link.stop()
+            if (plane := link.plane) is not None:
+                plane.abort()
             if link.ch is not None:
                 link.ch.close()
         for p in peers:
+            if (plane := p.plane) is not None:
+                plane.abort()
             p.ch.close()
         self._accepter.join(10)
         # a gloo receive whose peer died returns only after op_timeout_s
         for t in [t for link in links for t in link.threads] + [p.thread for p in peers]:
             t.join(self.op_timeout_s + 10)
+        if self._mem is not None:  # every communicator is gone: registrable memory may be freed
+            self._mem.close()
         del self._store  # stops the store's server thread
         self._store_sock.detach()  # the store owned (and closed) the listening socket

@@ -80,7 +80,8 @@ def _details(name: str, tx) -> dict:
     if name == "cuda_ipc":
         return {"launcher": tx.launcher.name}
     if name == "nccl":
-        return {"backend": tx.backend, "runtime": tx.runtime, "push": "yes" if tx.supports_push else "no"}
+        return {"backend": tx.backend, "runtime": tx.runtime, "push": "yes" if tx.supports_push else "no",
+                "registered": "yes" if tx._mem is not None else "no"}  # pairs of allocate'd caches, zero-copy
     return {}
 
 

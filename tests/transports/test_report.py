@@ -32,6 +32,8 @@ def test_the_report_says_what_each_transport_gives_here():
     assert t["nccl"]["available"] and t["nccl"]["backend"] == ("nccl" if cuda else "gloo")
     # it pushes on gloo and through cupy's NCCL, not through a torch NCCL group
     assert t["nccl"]["push"] == ("no" if cuda and t["nccl"]["runtime"] == "torch" else "yes")
+    if not cuda:  # NCCL buffer registration needs the cupy runtime on CUDA
+        assert t["nccl"]["registered"] == "no"
     if cuda:
         assert t["nccl"]["runtime"] == ("cupy" if nccl is not None else "torch")
         assert bool(t["nccl"].get("warnings")) == (nccl is None)  # the slower path is named

@@ -1,0 +1,91 @@
+"""NCCL user-buffer registration (transports/_nccl_mem.py): a pair runs registered (zero-copy)
+only when both ends hold nothing but NCCL memory from the transport's allocate, and moves the
+same bytes either way; pushes whose source blocks must be gathered gather into registered
+memory; ``register_memory`` is checked."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmdisagg.transports import TransferError, TransferState, create_transport
+from lmdisagg.transports._blocks import block_checksums
+from tests.transports.conftest import MEDIA, Peer, gpu, need_devices, side_options
+
+MiB = 1 << 20
+NBYTES, BLOCK = 64 * MiB, 4 * MiB
+MEDIUM = "nccl-cuda"
+
+
+def test_register_memory_true_is_refused_where_it_cannot_work():
+    with pytest.raises(TransferError, match="register_memory"):
+        create_transport("nccl", backend="gloo", register_memory=True)
+
+
+@pytest.fixture(scope="module")
+def source():
+    _, _, src, dst = MEDIA[MEDIUM]
+    need_devices(src, dst)
+    p = Peer(MEDIUM)
+    bid = p.call("raw", NBYTES, 5)
+    yield p, p.call("describe", bid, list(range(NBYTES // BLOCK)), BLOCK, False)
+    p.stop()
+
+
+def pull_once(local, desc, want, foreign: bool):
+    dev = MEDIA[MEDIUM][3]
+    t = torch.zeros(NBYTES, dtype=torch.uint8, device=dev) if foreign else local.allocate((NBYTES,), torch.uint8, dev)
+    dst = local.register(t)
+    ids = list(range(NBYTES // BLOCK))
+    x = local.pull(desc, dst, ids)
+    x.wait(60)
+    assert x.state is TransferState.DONE
+    assert list(block_checksums(dst.flat, ids, BLOCK)) == want
+    return x.link.plane.registered
+
+
+@gpu
+def test_a_pair_of_nccl_memory_runs_registered(source):
+    peer, (desc, want) = source
+    local = create_transport("nccl", **side_options(MEDIUM, MEDIA[MEDIUM][3]), register_memory=True)
+    try:
+        assert pull_once(local, desc, want, foreign=False) is True
+        x = local.pull(desc, next(iter(local._buffers.values())), list(range(NBYTES // BLOCK)))
+        x.wait(60)  # again on the same registered pair
+        assert x.state is TransferState.DONE
+        # a plain buffer registered now: the next pull moves it on a new, staged pair
+        assert pull_once(local, desc, want, foreign=True) is False
+    finally:
+        local.close()
+
+
+@gpu
+@pytest.mark.parametrize("how", ["foreign buffer", "register_memory=False"])
+def test_a_pair_with_a_plain_buffer_runs_staged(source, how):
+    peer, (desc, want) = source
+    opts = side_options(MEDIUM, MEDIA[MEDIUM][3])
+    if how == "register_memory=False":
+        opts["register_memory"] = False
+    local = create_transport("nccl", **opts)
+    try:
+        assert pull_once(local, desc, want, foreign=how == "foreign buffer") is False
+    finally:
+        local.close()
+
+
+@gpu
+def test_a_gathered_push_goes_through_registered_memory(source):
+    """Source blocks out of order: the source gathers them into pool memory, on a registered
+    pair, and the destination gets them in its order."""
+    peer, (desc, want) = source
+    local = create_transport("nccl", **side_options(MEDIUM, MEDIA[MEDIUM][3]), register_memory=True)
+    try:
+        dst = local.register(local.allocate((NBYTES,), torch.uint8, MEDIA[MEDIUM][3]))
+        n = NBYTES // BLOCK
+        src_ids = list(reversed(range(n)))
+        x = local.expect(desc.buffer, dst, list(range(n)), BLOCK)
+        assert peer.call("push", desc.buffer.buffer_id, x.ticket.pack(), src_ids, True) == "done"
+        x.wait(60)
+        assert x.state is TransferState.DONE and x.link.plane.registered
+        assert list(block_checksums(dst.flat, list(range(n)), BLOCK)) == list(reversed(want))
+    finally:
+        local.close()
