@@ -3,8 +3,10 @@
 A send and a receive between two GPUs of a node normally pass through NCCL's own staging FIFO:
 the sender's kernel writes chunks into it and the receiver's kernel copies them out. When both
 ends' buffers are registered with the pair's communicator (``ncclCommRegister``), NCCL maps the
-peer's buffer once and copies straight into it (zero-copy). Measured on 2xH200 (one 64 MiB
-message, its receive posted first, against a peer copy): 0.85 staged, 0.92-0.96 registered.
+peer's buffer once and copies straight into it (zero-copy). Measured on 2xH200 (NCCL 2.28.9,
+one 64 MiB message, its receive posted first, against a peer copy): 0.85 staged, 0.92-0.94
+registered; through this transport, a stream-ordered 64 MiB push: 0.85-0.87 staged, 0.94
+registered (benchmarks/results/transport_nvidia-h200-x2-{staged,reg}-*.json).
 
 NCCL registers only memory from its VMM allocator (``ncclMemAlloc``; plain ``cudaMalloc``
 memory needs ``NCCL_LEGACY_CUDA_REGISTER``, which NCCL documents as unsafe on abort), and it
