@@ -11,8 +11,8 @@ transport's allocator (so shm serves it zero-copy, like a prefill engine made wi
 ``kv_allocator=tx.allocate``), fills it, registers it and describes blocks on request. This process
 pulls into a registered destination buffer from the same transport's allocator (a decode engine's
 cache in serving, made with ``kv_allocator=tx.allocate``; nccl pairs then run registered where
-NCCL allows, see ``transports/_nccl_mem.py``; runs before 2026-11-28 used ordinary memory here,
-which only nccl tells apart). Timed: ``pull`` + ``wait`` of
+NCCL allows, see ``transports/_nccl_mem.py``; runs before 2026-11-28 used ordinary memory
+here). Timed: ``pull`` + ``wait`` of
 ``size // block`` contiguous blocks (the descriptor is made beforehand, not timed). Each size: one
 warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls;
 the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;

@@ -68,6 +68,9 @@ class TransportSettings(_Strict):
     push: bool = Field(False, description="nccl only: the decode worker reserves blocks and posts its receives "
                                           "while the prompt is prefilled, and the prefill worker pushes the KV "
                                           "into them (instead of the decode worker pulling it afterwards)")
+    register_memory: bool | None = Field(
+        None, description="nccl only: caches in NCCL's registrable memory move zero-copy between workers "
+                          "(NCCL >= 2.23 through cupy); unset: where it works, true: required, false: never")
     fake: FakeTransportSettings = Field(default_factory=FakeTransportSettings,
                                         description="fake only: latency, bandwidth and failure knobs")
 
@@ -75,6 +78,8 @@ class TransportSettings(_Strict):
     def _push_medium(self) -> "TransportSettings":
         if self.push and self.name != "nccl":
             raise ValueError(f"transport.push needs a two-sided medium (nccl); {self.name!r} is pulled from")
+        if self.register_memory is not None and self.name != "nccl":
+            raise ValueError(f"transport.register_memory is an nccl option, not one of {self.name!r}")
         return self
 
 

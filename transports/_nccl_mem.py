@@ -44,8 +44,8 @@ def ub_lib():
         from cupy.cuda import nccl
     except (ImportError, OSError) as e:
         return None, f"cupy's NCCL does not load ({type(e).__name__})"
-    if comm_handle_reader(nccl.NcclCommunicator) is None:
-        return None, "this cupy's NcclCommunicator has an unknown layout (its NCCL handle cannot be read)"
+    if not hasattr(nccl.NcclCommunicator, "comm"):  # a getset descriptor of the Cython class
+        return None, "this cupy's NcclCommunicator does not give its NCCL handle (cupy >= 14 does)"
     with open("/proc/self/maps") as f:
         paths = sorted({line.split()[-1] for line in f if "/libnccl.so" in line})
     if len(paths) != 1:
@@ -63,22 +63,6 @@ def ub_lib():
     lib.ncclCommDeregister.argtypes = [vp, vp]
     lib.ncclCommUserRank.argtypes = lib.ncclCommCount.argtypes = [vp, ctypes.POINTER(ctypes.c_int)]
     return lib, ""
-
-
-_PTR = ctypes.sizeof(ctypes.c_void_p)
-
-
-def comm_handle_reader(cls):
-    """A function giving the ``ncclComm_t`` of a cupy ``NcclCommunicator``, or None. cupy exposes
-    the handle in some versions (``comm``); otherwise it is the one field of the Cython object
-    after its header and vtable pointer, read only when the type's size says exactly that (and
-    ``Registrations`` then checks that the handle answers as this rank of a 2-rank
-    communicator)."""
-    if hasattr(cls, "comm"):  # a getset descriptor of the Cython class
-        return lambda comm: comm.comm
-    if cls.__basicsize__ == object.__basicsize__ + 2 * _PTR:
-        return lambda comm: ctypes.c_void_p.from_address(id(comm) + object.__basicsize__ + _PTR).value
-    return None
 
 
 class _Segment:
@@ -198,11 +182,11 @@ class Registrations:
     """The segments registered with one communicator (registration lasts as long as it)."""
 
     def __init__(self, lib, comm, rank: int):
-        self.lib, self.comm_ptr = lib, ctypes.c_void_p(comm_handle_reader(type(comm))(comm))
+        self.lib, self.comm_ptr = lib, ctypes.c_void_p(comm.comm)
         r, n = ctypes.c_int(-1), ctypes.c_int(-1)
         if not self.comm_ptr.value or lib.ncclCommUserRank(self.comm_ptr, ctypes.byref(r)) != 0 or r.value != rank \
                 or lib.ncclCommCount(self.comm_ptr, ctypes.byref(n)) != 0 or n.value != 2:
-            raise RuntimeError("the communicator handle read from cupy does not answer as this pair's")
+            raise RuntimeError("cupy's communicator handle does not answer as this pair's")
         self._done: dict[int, ctypes.c_void_p] = {}
 
     def ensure(self, seg: _Segment) -> None:

@@ -1089,6 +1089,11 @@ class NcclTransport(Transport):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return self._mem.allocate(nbytes, index).view(dtype).view(tuple(shape))
 
+    @property
+    def registers_memory(self) -> bool:
+        """Pairs of buffers from ``allocate`` run registered (zero-copy) on this transport."""
+        return self._mem is not None
+
     def _registrable(self) -> bool:
         """This end can run a pair registered: every buffer it has registered is NCCL memory."""
         if self._mem is None:

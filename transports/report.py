@@ -81,7 +81,7 @@ def _details(name: str, tx) -> dict:
         return {"launcher": tx.launcher.name}
     if name == "nccl":
         return {"backend": tx.backend, "runtime": tx.runtime, "push": "yes" if tx.supports_push else "no",
-                "registered": "yes" if tx._mem is not None else "no"}  # pairs of allocate'd caches, zero-copy
+                "registered": "yes" if tx.registers_memory else "no"}  # pairs of allocate'd caches, zero-copy
     return {}
 
 

@@ -36,6 +36,8 @@ class KVTransfer:
             opts["runtime"] = settings.get("runtime", "auto")  # launches through cupy or torch
             if self.name == "nccl" and self.push_enabled:
                 opts["op_timeout_s"] = max(30.0, expect_s)
+            if self.name == "nccl":
+                opts["register_memory"] = settings.get("register_memory")
         elif self.name == "fake":
             opts.update(settings.get("fake") or {})
         self.transport = create_transport(self.name, **opts)

@@ -21,6 +21,26 @@ def test_register_memory_true_is_refused_where_it_cannot_work():
         create_transport("nccl", backend="gloo", register_memory=True)
 
 
+def test_register_memory_reaches_the_worker_from_the_config():
+    """``transport.register_memory`` is an nccl option; a worker's transport gets it (here, on a
+    CPU, true is refused: registration needs NCCL through cupy)."""
+    from pydantic import ValidationError
+
+    from lmdisagg.config import TransportSettings
+    from lmdisagg.workers.kv_transfer import KVTransfer
+    with pytest.raises(ValidationError, match="register_memory"):
+        TransportSettings(name="shm", register_memory=False)
+    settings = TransportSettings(name="nccl", register_memory=True).model_dump()
+    if not torch.cuda.is_available():
+        with pytest.raises(TransferError, match="register_memory"):
+            KVTransfer.create(settings, "w0")
+    off = KVTransfer.create({**settings, "register_memory": False}, "w1")
+    try:
+        assert off.transport.registers_memory is False
+    finally:
+        off.transport.close()
+
+
 @pytest.fixture(scope="module")
 def source():
     _, _, src, dst = MEDIA[MEDIUM]
