@@ -18,7 +18,8 @@ requires both sides of every send/receive pair to be registered or neither. So:
   registered is such memory; then everything either posts on the pair comes from it.
 - Memory is registered with a communicator the first time the pair posts from it, and is never
   freed while a communicator may hold it: freeing waits for the transport's ``close`` (after its
-  communicators are gone), so a new allocation never reuses the address of a registration.
+  communicators are gone), so a new allocation never reuses the address of a registration;
+  memory whose tensor ends after close is freed as it ends.
 """
 from __future__ import annotations
 
@@ -83,7 +84,10 @@ class _Lease:
                                          "version": 3, "stream": None}
 
     def __del__(self):
-        self.mem._returned.append((self.seg, self.pooled))  # an atomic append: safe from any GC point
+        mem = self.mem
+        mem._returned.append((self.seg, self.pooled))  # an atomic append: safe from any GC point
+        if mem._closed:  # nothing reclaims after close: free it now
+            mem._drain_closed()
 
 
 class NcclMemory:
@@ -152,22 +156,39 @@ class NcclMemory:
             seg, pooled = self._returned.popleft()
             with self._lock:
                 if not self._closed:
-                    (self._free if pooled else self._dead).append(seg)
+                    if pooled:
+                        self._free.append(seg)
+                    else:  # no live tensor is in it: out of the lookups, kept until close
+                        self._segments.pop(seg.ptr, None)
+                        self._dead.append(seg)
                     continue
                 self._segments.pop(seg.ptr, None)
             self._free_segment(seg)
 
+    def _drain_closed(self) -> None:
+        """After close: free what has been returned. Takes no lock (it runs from a tensor's end,
+        at any GC point, possibly inside one of this object's critical sections); each returned
+        segment is popped, so freed, by exactly one caller."""
+        while True:
+            try:
+                seg, _ = self._returned.popleft()
+            except IndexError:
+                return
+            self._free_segment(seg)
+
     def _free_segment(self, seg: _Segment) -> None:
+        """Free an allocation once the device's queued work is done (work queued on any stream
+        may still read the memory of a tensor that has ended)."""
         try:
             with torch.cuda.device(seg.device):
+                torch.cuda.synchronize()
                 self.lib.ncclMemFree(seg.ptr)
         except Exception as e:  # interpreter shutdown: the driver may be gone already
             log.debug("ncclMemFree: %r", e)
 
     def close(self) -> None:
         """After the transport's communicators are gone: free the pool and every allocation whose
-        tensor has ended. One whose tensor ends later stays allocated until the process exits
-        (nothing here runs after close to free it; a worker closes its transport as it stops)."""
+        tensor has ended; one whose tensor ends later is freed as it ends."""
         with self._lock:
             self._closed = True
             free, self._free, self._dead = self._free + self._dead, [], []
@@ -175,7 +196,7 @@ class NcclMemory:
                 self._segments.pop(seg.ptr, None)
         for seg in free:
             self._free_segment(seg)
-        self._reclaim()
+        self._drain_closed()
 
 
 class Registrations:

@@ -616,6 +616,8 @@ class _Link:
                 raise TransferError(f"nccl pair with {self.source} refused: {msg.get('msg')}")
             # registered only if both ends are: the source says so with the id
             self.plane = _CupyPlane(tx.nccl, msg["id"], 1, tx.device, tx._mem if msg.get("registered") else None)
+            log.info("nccl %s pair %s <- %s formed: %s", self.kind, tx.agent, self.source,
+                     "registered (zero-copy)" if self.plane.registered else "staged through NCCL's buffers")
         else:
             store = dist.TCPStore(self.host, self.store_port, is_master=False,
                                   timeout=timedelta(seconds=tx.connect_timeout_s))
@@ -925,6 +927,8 @@ class _Peer:
                               "registered": registered})
                 self.plane = _CupyPlane(tx.nccl, uid, 0, torch.cuda.current_device(),
                                         tx._mem if registered else None)
+                log.info("nccl %s pair %s -> %s formed: %s", hello.get("kind", "pull"), tx.agent, hello["agent"],
+                         "registered (zero-copy)" if registered else "staged through NCCL's buffers")
             else:
                 pg = make_pair_group(tx.backend, dist.PrefixStore(f"{hello['agent']}/{hello['epoch']}", tx._store),
                                      0, tx)
@@ -1078,7 +1082,8 @@ class NcclTransport(Transport):
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         """Zeroed memory NCCL can register (``ncclMemAlloc``) when pairs may run registered,
-        else ordinary memory. It is freed when the tensor ends, or at ``close`` if later."""
+        else ordinary memory. NCCL memory whose tensor ends is freed at ``close`` (a communicator
+        may hold its registration until then), or as the tensor ends if that is after close."""
         device = torch.device(device)
         if self._mem is None or device.type != "cuda":
             return super().allocate(shape, dtype, device)
