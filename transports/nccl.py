@@ -2,7 +2,9 @@
 
 There is no global world: workers join at any time. Every NcclTransport hosts a control server
 (TCP on ``host``, 127.0.0.1 by default, msgpack messages, one serving thread per connected
-destination) and a TCPStore for the torch pair groups in which it is the source.
+destination; destinations on the same host connect to its Unix socket instead, which carries
+each window's request at a fraction of loopback TCP's cost) and a TCPStore for the torch pair
+groups in which it is the source.
 
 A destination's first pull from a source connects to its control server, says hello, and both
 sides build the pair's data plane (rank 0 = source, rank 1 = destination), kept until close or
@@ -77,7 +79,8 @@ import torch
 import torch.distributed as dist
 
 from lmdisagg.transports._blocks import byte_runs, split_runs, windows
-from lmdisagg.transports._wire import Channel, ChannelClosed
+from lmdisagg.transports._proc import HOSTNAME
+from lmdisagg.transports._wire import Channel, ChannelClosed, local_listener, local_name
 from lmdisagg.transports.base import (
     Buffer, BufferDesc, ChunkDesc, PeerLostError, PushTicket, Transfer, TransferAbortedError,
     TransferCorruptError, TransferError, TransferState, Transport, failed_transfer, warn_torch_path,
@@ -382,13 +385,17 @@ class _Link:
     peer fails the pulls at once (gloo itself may only notice when a receive times out, NCCL
     never does)."""
 
-    def __init__(self, tx: "NcclTransport", source_agent: str, address: str, kind: str = "pull"):
+    def __init__(self, tx: "NcclTransport", source_agent: str, address: str, kind: str = "pull",
+                 source_pid: int | None = None):
+        """``source_pid``: the source process, when it runs on this host (the control connection
+        then goes over its Unix socket, if it has one)."""
         self.tx = tx
         self.source = source_agent
         self.kind = kind  # "pull" (the destination asks per window) or "push" (its own pair)
         self.epoch = next(_epochs)
         host, ctl, store = address.rsplit(":", 2)
         self.host, self.ctl_port, self.store_port = host, int(ctl), int(store)
+        self.local = local_name(source_pid, self.ctl_port) if source_pid is not None else None
         self.ch: Channel | None = None
         self.plane = None
         self.ready = False  # connected and a window came through: pulls may post inline
@@ -604,7 +611,7 @@ class _Link:
         tx = self.tx
         if tx.device is not None:
             torch.cuda.set_device(tx.device)
-        self.ch = Channel.connect(self.host, self.ctl_port, tx.connect_timeout_s)
+        self.ch = Channel.connect(self.host, self.ctl_port, tx.connect_timeout_s, self.local)
         epoch = self.epoch
         self.ch.send({"op": "hello", "agent": tx.agent, "epoch": epoch, "backend": tx.backend,
                       "runtime": tx.runtime, "kind": self.kind, "registered": tx._registrable()})
@@ -1057,6 +1064,8 @@ class NcclTransport(Transport):
                                     master_listen_fd=self._store_sock.fileno(), wait_for_workers=False,
                                     timeout=timedelta(seconds=connect_timeout_s), use_libuv=True)
         self._server = socket.create_server((host, 0))
+        # peers on this host connect to the same port's Unix socket, if this host has them
+        self._local_server = local_listener(self._server.getsockname()[1])
         self.address = f"{host}:{self._server.getsockname()[1]}:{self._store_sock.getsockname()[1]}"
         self._links: dict[str, _Link] = {}
         self._dead_links: list[_Link] = []  # broken or retired links whose threads may still run
@@ -1064,13 +1073,16 @@ class NcclTransport(Transport):
         self._push_peers: dict[tuple, _Peer] = {}  # (destination agent, epoch) -> its warmed-up push pair
         self._gone_push_peers: set[tuple] = set()
         self._push_cv = threading.Condition()
-        self._accepter = threading.Thread(target=self._accept, name="lmdisagg-nccl-accept", daemon=True)
-        self._accepter.start()
+        self._accepters = [threading.Thread(target=self._accept, args=(server,), name="lmdisagg-nccl-accept",
+                                            daemon=True)
+                           for server in (self._server, self._local_server) if server is not None]
+        for t in self._accepters:
+            t.start()
 
-    def _accept(self) -> None:
+    def _accept(self, server: socket.socket) -> None:
         while True:
             try:
-                sock, _ = self._server.accept()
+                sock, _ = server.accept()
             except OSError:  # closed
                 return
             with self._lock:
@@ -1152,7 +1164,8 @@ class NcclTransport(Transport):
                 if link is not None:
                     link.stop()
                     self._dead_links.append(link)
-                link = self._links[key] = _Link(self, source.agent, source.address, kind=kind)
+                link = self._links[key] = _Link(self, source.agent, source.address, kind=kind,
+                                                source_pid=source.pid if source.host == HOSTNAME else None)
             return link
 
     # --- push ------------------------------------------------------------------------------------
@@ -1244,7 +1257,9 @@ class NcclTransport(Transport):
         with self._lock:
             links, self._links = list(self._links.values()) + self._dead_links, {}
             peers, self._peers = list(self._peers), []
-        _close_listener(self._server)
+        for server in (self._server, self._local_server):
+            if server is not None:
+                _close_listener(server)
         # each pair's data plane goes before its control connection: the peer tears its side down
         # only on seeing the connection close, so a registered pair's deregistration (which goes
         # through the peer's NCCL proxy) finds the peer still up, and the two ends never abort a
@@ -1259,7 +1274,8 @@ class NcclTransport(Transport):
             if (plane := p.plane) is not None:
                 plane.abort()
             p.ch.close()
-        self._accepter.join(10)
+        for t in self._accepters:
+            t.join(10)
         # a gloo receive whose peer died returns only after op_timeout_s
         for t in [t for link in links for t in link.threads] + [p.thread for p in peers]:
             t.join(self.op_timeout_s + 10)

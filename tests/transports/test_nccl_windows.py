@@ -80,3 +80,46 @@ def test_runtime_and_window_options_are_checked():
         assert tx.runtime == "torch"  # CPU buffers move over a torch gloo group
     finally:
         tx.close()
+
+
+def test_a_source_on_this_host_is_asked_over_its_unix_socket(pair):
+    """The control connection (each window's request) to a source process on this host is a Unix
+    socket, not loopback TCP."""
+    import socket
+    local, desc, want, dst = pair
+    x = local.pull(desc, dst, blocks(0))
+    x.wait(60)
+    assert digests(dst, blocks(0)) == want
+    assert x.link.ch.sock.family == socket.AF_UNIX
+
+
+def test_a_peer_without_a_unix_socket_is_reached_over_tcp():
+    """Where the peer's Unix socket cannot be reached (another network namespace, or none), the
+    channel connects over TCP."""
+    import os
+    import socket
+    import threading
+
+    from lmdisagg.transports._wire import Channel, local_name
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    got = []
+
+    def answer():
+        conn, _ = server.accept()
+        ch = Channel(conn)
+        got.append(ch.recv(timeout=10))
+        ch.send({"op": "pong"})
+        ch.close()
+    th = threading.Thread(target=answer)
+    th.start()
+    ch = Channel.connect("127.0.0.1", port, 10, local_name(os.getpid(), port))  # no one listens there
+    try:
+        assert ch.sock.family == socket.AF_INET
+        ch.send({"op": "ping"})
+        assert ch.recv(timeout=10) == {"op": "pong"}
+    finally:
+        ch.close()
+        th.join(10)
+        server.close()
+    assert got == [{"op": "ping"}]
