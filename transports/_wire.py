@@ -36,11 +36,13 @@ class Channel:
         and listening (a peer in another network namespace, or one that has none, gets TCP)."""
         if local is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)  # a full backlog blocks a Unix connect
             try:
                 sock.connect(local)
             except OSError:
                 sock.close()
             else:
+                sock.settimeout(None)
                 return cls(sock)
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.settimeout(None)
