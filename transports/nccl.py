@@ -91,6 +91,9 @@ _epochs = itertools.count()
 _FAILURES = (ChannelClosed, OSError, RuntimeError)  # socket, torch.distributed, NCCL / CUDA errors
 
 
+NCCL_MEMORY = b"nccl-mem"  # a BufferDesc handle: the buffer is NCCL memory from allocate
+
+
 def make_pair_group(backend: str, store, rank: int, tx: "NcclTransport"):
     """A 2-rank process group on ``store``; blocks until both ranks joined (gloo) or
     ``connect_timeout_s``. Ops time out after ``op_timeout_s``."""
@@ -1139,7 +1142,10 @@ class NcclTransport(Transport):
             if buf.flat.device.index != self.device:
                 raise TransferError(f"this nccl transport serves cuda:{self.device}; register buffers of "
                                     f"{buf.flat.device} with another transport instance")
-        return self.address, b""
+        # the handle says whether the buffer is NCCL memory: a destination pulls (or takes pushes
+        # of) any other buffer over a staged pair, never over a registered one
+        registrable = self._mem is not None and self._mem.segment_of(buf.flat) is not None
+        return self.address, NCCL_MEMORY if registrable else b""
 
     def _prepare(self, buf: Buffer, block_ids, block_nbytes) -> None:
         if buf.flat.device.type == "cuda":
@@ -1159,13 +1165,14 @@ class NcclTransport(Transport):
         return x
 
     def _link_for(self, key, source: BufferDesc, dst: Buffer, kind: str) -> _Link:
-        """The pair's link: a new one if it broke, or if it runs registered and ``dst`` is not
-        registrable memory (registered after the pair formed; the old link is not stopped, so
-        what it has in flight finishes, and goes at close)."""
+        """The pair's link: a new one if it broke, or if it runs registered and ``dst`` or the
+        source's buffer is not NCCL memory (registered after the pair formed; the old link is not
+        stopped, so what it has in flight finishes, and goes at close). The new pair forms
+        staged, as the end holding that buffer no longer offers registration."""
         with self._lock:
             link = self._links.get(key)
             if link is not None and link.broken is None and (plane := link.plane) is not None \
-                    and plane.registered and self._mem.segment_of(dst.flat) is None:
+                    and plane.registered and (source.handle != NCCL_MEMORY or self._mem.segment_of(dst.flat) is None):
                 self._dead_links.append(link)
                 link = None
             if link is None or link.broken is not None:

@@ -51,6 +51,13 @@ def main(conn, name: str, options: dict, device: str) -> None:
                 buf = tx.register(t)
                 bufs[buf.desc.buffer_id] = buf
                 out = buf.desc.buffer_id
+            elif op == "plain":  # as "raw", in ordinary memory rather than the transport's allocator
+                nbytes, seed = args
+                t = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                fill(t, seed)
+                buf = tx.register(t)
+                bufs[buf.desc.buffer_id] = buf
+                out = buf.desc.buffer_id
             elif op == "bufdesc":  # a registered buffer's descriptor (it names this peer)
                 bid, = args
                 out = bufs[bid].desc

@@ -93,6 +93,30 @@ def test_a_pair_with_a_plain_buffer_runs_staged(source, how):
 
 
 @gpu
+def test_a_source_buffer_from_elsewhere_moves_over_a_new_staged_pair():
+    """The source registers ordinary memory after a registered pair formed: its descriptor says
+    so, and the destination pulls it over a new, staged pair (the registered pair would have to
+    refuse it)."""
+    _, _, src, dst = MEDIA[MEDIUM]
+    need_devices(src, dst)
+    peer = Peer(MEDIUM)
+    local = create_transport("nccl", **side_options(MEDIUM, dst), register_memory=True)
+    ids = list(range(NBYTES // BLOCK))
+    try:
+        desc, want = peer.call("describe", peer.call("raw", NBYTES, 5), ids, BLOCK, False)
+        assert pull_once(local, desc, want, foreign=False) is True
+        desc, want = peer.call("describe", peer.call("plain", NBYTES, 6), ids, BLOCK, False)
+        into = local.register(local.allocate((NBYTES,), torch.uint8, dst))
+        x = local.pull(desc, into, ids)
+        x.wait(60)
+        assert list(block_checksums(into.flat, ids, BLOCK)) == want
+        assert x.link.plane.registered is False
+    finally:
+        local.close()
+        peer.stop()
+
+
+@gpu
 def test_a_gathered_push_goes_through_registered_memory(source):
     """Source blocks out of order: the source gathers them into pool memory, on a registered
     pair, and the destination gets them in its order."""
