@@ -9,7 +9,7 @@ is how a peer's death shows up (the kernel closes its sockets when it dies).
 """
 from __future__ import annotations
 
-import os
+import secrets
 import select
 import socket
 import threading
@@ -85,19 +85,23 @@ class Channel:
         self.sock.close()
 
 
-def local_name(pid: int, port: int) -> str:
-    """The abstract Unix socket name a process's listener on TCP ``port`` also answers on."""
-    return f"\0lmdisagg-ctl-{pid}-{port}"
+def local_name(token: str) -> str:
+    """The abstract Unix socket name of the listener made with ``token`` (see ``local_listener``)."""
+    return f"\0lmdisagg-ctl-{token}"
 
 
-def local_listener(port: int) -> socket.socket | None:
-    """A Unix socket listening on ``local_name(own pid, port)``, for peers on this host (Linux's
-    abstract namespace: no file, gone with the socket); None where that is not available."""
+def local_listener() -> tuple[socket.socket | None, str]:
+    """A Unix socket listening on a fresh random name in Linux's abstract namespace (no file,
+    gone with the socket), for peers on this host, and the token that names it (they learn it
+    from this process's address). Random rather than made of the pid and port, which another
+    process in another network namespace of a host with the same name may share: a peer there
+    reaching it would talk to the wrong process. (None, "") where Unix sockets are not available."""
+    token = secrets.token_hex(8)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(local_name(os.getpid(), port))
+        sock.bind(local_name(token))
         sock.listen()
     except OSError:
         sock.close()
-        return None
-    return sock
+        return None, ""
+    return sock, token

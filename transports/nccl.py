@@ -389,16 +389,16 @@ class _Link:
     never does)."""
 
     def __init__(self, tx: "NcclTransport", source_agent: str, address: str, kind: str = "pull",
-                 source_pid: int | None = None):
-        """``source_pid``: the source process, when it runs on this host (the control connection
-        then goes over its Unix socket, if it has one)."""
+                 same_host: bool = False):
+        """``same_host``: the source runs on this host (the control connection then goes over
+        its Unix socket, if it has one: the address names it)."""
         self.tx = tx
         self.source = source_agent
         self.kind = kind  # "pull" (the destination asks per window) or "push" (its own pair)
         self.epoch = next(_epochs)
-        host, ctl, store = address.rsplit(":", 2)
+        host, ctl, store, token = address.rsplit(":", 3)
         self.host, self.ctl_port, self.store_port = host, int(ctl), int(store)
-        self.local = local_name(source_pid, self.ctl_port) if source_pid is not None else None
+        self.local = local_name(token) if same_host and token else None
         self.ch: Channel | None = None
         self.plane = None
         self.ready = False  # connected and a window came through: pulls may post inline
@@ -1067,9 +1067,10 @@ class NcclTransport(Transport):
                                     master_listen_fd=self._store_sock.fileno(), wait_for_workers=False,
                                     timeout=timedelta(seconds=connect_timeout_s), use_libuv=True)
         self._server = socket.create_server((host, 0))
-        # peers on this host connect to the same port's Unix socket, if this host has them
-        self._local_server = local_listener(self._server.getsockname()[1])
-        self.address = f"{host}:{self._server.getsockname()[1]}:{self._store_sock.getsockname()[1]}"
+        # peers on this host connect to a Unix socket (named in the address) if this host has them
+        self._local_server, token = local_listener()
+        # host:control port:store port:Unix socket token ("" without one)
+        self.address = f"{host}:{self._server.getsockname()[1]}:{self._store_sock.getsockname()[1]}:{token}"
         self._links: dict[str, _Link] = {}
         self._dead_links: list[_Link] = []  # broken or retired links whose threads may still run
         self._peers: list[_Peer] = []
@@ -1180,7 +1181,7 @@ class NcclTransport(Transport):
                     link.stop()
                     self._dead_links.append(link)
                 link = self._links[key] = _Link(self, source.agent, source.address, kind=kind,
-                                                source_pid=source.pid if source.host == HOSTNAME else None)
+                                                same_host=source.host == HOSTNAME)
             return link
 
     # --- push ------------------------------------------------------------------------------------

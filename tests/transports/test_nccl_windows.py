@@ -93,10 +93,40 @@ def test_a_source_on_this_host_is_asked_over_its_unix_socket(pair):
     assert x.link.ch.sock.family == socket.AF_UNIX
 
 
+def test_a_unix_socket_is_found_by_the_name_in_the_address_not_by_pid_and_port():
+    """The Unix socket's name is random and travels in the source's address: a process that
+    shares the source's pid and port (in another network namespace of a host with the same name)
+    cannot answer for it. Here an impostor listens on the name that pid and port gave before,
+    and a new destination still reaches the source, over its Unix socket."""
+    import socket
+    peer = Peer("nccl-gloo", side_options("nccl-gloo", "cpu"))
+    local = create_transport("nccl", **side_options("nccl-gloo", "cpu"))
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        bid = peer.call("raw", PULL, 5)
+        desc, want = peer.call("describe", bid, list(range(PULL // BLOCK)), BLOCK, False)
+        host, ctl, store, token = desc.buffer.address.rsplit(":", 3)
+        assert len(token) == 16 and str(desc.buffer.pid) not in token
+        impostor.bind(f"\0lmdisagg-ctl-{desc.buffer.pid}-{ctl}")
+        impostor.listen()
+        impostor.settimeout(0.2)
+        dst = local.register(torch.zeros(PULL, dtype=torch.uint8))
+        x = local.pull(desc, dst, blocks(0))
+        x.wait(60)
+        assert digests(dst, blocks(0)) == want
+        assert x.link.ch.sock.family == socket.AF_UNIX
+        with pytest.raises(TimeoutError):
+            impostor.accept()  # nobody knocked there
+    finally:
+        impostor.close()
+        local.close()
+        peer.stop()
+
+
 def test_a_peer_without_a_unix_socket_is_reached_over_tcp():
     """Where the peer's Unix socket cannot be reached (another network namespace, or none), the
     channel connects over TCP."""
-    import os
+    import secrets
     import socket
     import threading
 
@@ -113,7 +143,7 @@ def test_a_peer_without_a_unix_socket_is_reached_over_tcp():
         ch.close()
     th = threading.Thread(target=answer)
     th.start()
-    ch = Channel.connect("127.0.0.1", port, 10, local_name(os.getpid(), port))  # no one listens there
+    ch = Channel.connect("127.0.0.1", port, 10, local_name(secrets.token_hex(8)))  # no one listens there
     try:
         assert ch.sock.family == socket.AF_INET
         ch.send({"op": "ping"})
