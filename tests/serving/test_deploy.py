@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import secrets
@@ -175,8 +176,17 @@ def test_ray_job_submit():
         r = subprocess.run([ray_bin, "job", args[0], "--address", address, *args[1:]], capture_output=True, text=True,
                            env=env, cwd=ROOT, timeout=timeout)
         return r.returncode, r.stdout + r.stderr  # the CLI reports on stderr
+    def answers(url: str) -> bool:  # any HTTP answer (a probe with no token may get 401)
+        try:
+            httpx.get(url, timeout=5)
+            return True
+        except httpx.HTTPError:
+            return False
     try:
-        wait_until(lambda: ray_job("list")[0] == 0, 120, 1.0)
+        # the dashboard's HTTP server first (each `ray job` CLI call costs seconds of CPU here,
+        # taken from the head and the job as they start), then the job API itself
+        wait_until(lambda: answers(address + "/api/version"), 120, 0.5)
+        wait_until(lambda: ray_job("list")[0] == 0, 120, 2.0)
 
         outputs = []
 
@@ -193,15 +203,18 @@ def test_ray_job_submit():
         except AssertionError:
             pytest.fail("ray job submit kept failing:\n" + outputs[-1][-3000:])
 
-        def up():
-            logs = ray_job("logs", job)[1]
-            m = re.search(r"serving .* at (http://\S+/v1)", logs)
-            if m:
-                return m.group(1)
-            if any(s in ray_job("status", job)[1] for s in ("FAILED", "STOPPED", "SUCCEEDED")):
-                pytest.fail("job ended early:\n" + logs[-3000:])
+        polls = itertools.count()
+
+        def up():  # its port answers; the job's status read only now and then (a CLI call)
+            if answers(f"http://127.0.0.1:{port}/health"):
+                return True
+            if next(polls) % 10 == 9 and any(s in ray_job("status", job)[1] for s in ("FAILED", "STOPPED", "SUCCEEDED")):
+                pytest.fail("job ended early:\n" + ray_job("logs", job)[1][-3000:])
         try:
-            url = wait_until(up, 300, 2.0)
+            wait_until(up, 300, 1.0)
+            # and the job says where it serves
+            url = wait_until(lambda: (m := re.search(r"serving .* at (http://\S+/v1)", ray_job("logs", job)[1]))
+                             and m.group(1), 60, 2.0)
         except AssertionError:
             pytest.fail("job did not come up:\n" + ray_job("logs", job)[1][-4000:])
         assert url == f"http://127.0.0.1:{port}/v1"

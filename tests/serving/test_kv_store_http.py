@@ -1,4 +1,4 @@
-"""The tiered KV store through the HTTP API on a disaggregated CPU deployment: the same ~2K-token
+"""The tiered KV store through the HTTP API on a disaggregated CPU deployment: the same ~1K-token
 prompt again is served from the engine (L1), host memory (L2), local disk (L3) or Redis (L4) with
 identical text and the cached tokens reported; a restarted deployment reuses disk and Redis; a
 request's cache_salt keeps its chunks apart in every tier; a Redis outage only costs recomputation."""
@@ -19,14 +19,14 @@ WORDS = ("river stone cloud maple lantern harbor quiet ember orbit velvet meadow
 
 def prompt(seed: int) -> str:
     rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(1700))  # ~1.9K tokens: 7 full 256-token chunks
+    return " ".join(rng.choice(WORDS) for _ in range(900))  # ~1K tokens: 3 full 256-token chunks
 
 
 def deploy(local_ray, store: dict):
     from lmdisagg import Pipeline, Role
-    # L1 made tiny: the prefill engine holds 12 blocks, so a second 2K prompt evicts the first
-    return Pipeline(model=MODEL, prefill=Role(), decode=Role(), transport="shm", max_model_len=2560,
-                    num_blocks=12, store=store).start()
+    # L1 made tiny: the prefill engine holds 5 blocks, so a second 1K prompt (4 blocks) evicts the first
+    return Pipeline(model=MODEL, prefill=Role(), decode=Role(), transport="shm", max_model_len=1280,
+                    num_blocks=5, store=store).start()
 
 
 def ask(pipe, text: str, **extra):
