@@ -3,7 +3,9 @@
     1. place       the policy picks a prefill worker (and a decode worker) from the load snapshots
     2. prefill     PrefillWorker.prefill(req) → first token + KVHandle   (colocated: generate())
     3. decode      DecodeWorker.decode(req, handle) streams the rest
-    4. finish      on any early exit (client gone, error, timeout) both workers abort the request
+    4. finish      on any early exit (client gone, error, timeout) both workers abort the request,
+                   the decode worker first (it drops KV still moving from the prefill worker's
+                   blocks, which the prefill worker's abort frees)
     5. migrate     a worker that dies meanwhile (its actor is gone) is marked dead, and the request
                    goes back to 1 on live workers, carrying the tokens already streamed
 
@@ -344,8 +346,10 @@ class Router:
                 if not migrating:
                     self.metrics.aborted.inc()
                 # shielded: runs even when this task is being cancelled (client disconnected)
-                # (a worker only unreachable for a while gets it too, so it frees the request's blocks)
-                asyncio.ensure_future(self._abort(req.request_id, list(involved.values())))
+                # (a worker only unreachable for a while gets it too, so it frees the request's blocks).
+                # The decode worker first: once the prefill worker frees its held blocks they may be
+                # reused, so a pull still reading them must already know it is to be dropped
+                asyncio.ensure_future(self._abort(req.request_id, list(involved.values())[::-1]))
 
     async def _iter(self, gen, timeout: float, deadline: float):
         while True:
@@ -361,7 +365,9 @@ class Router:
             yield await ref
 
     async def _abort(self, request_id: str, workers: list[WorkerRef]) -> None:
-        for w in workers:
+        """Abort on each worker in turn, each after the one before has answered (or 10 s); workers
+        known dead last (a restarting actor answers only once it is back, and holds nothing)."""
+        for w in sorted(workers, key=lambda w: not w.alive):
             try:
                 await asyncio.wait_for(w.actor.abort.remote(request_id), 10)
             except Exception as e:  # noqa: BLE001

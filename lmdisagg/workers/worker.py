@@ -8,7 +8,9 @@ Lifecycle of one disaggregated request (numbers match the router's):
                                     pull the missing chunks + tail → release the prefill blocks →
                                     decode → yield deltas
     3. abort(request_id)            on either side, any time: frees the request's blocks (one
-                                    that lands while its KV still moves is dropped once it has)
+                                    whose KV still moves is dropped once it has landed, its new
+                                    blocks freed, not cached: the router aborts the decode side
+                                    first, and the prefill side's abort frees the source blocks)
 
 With ``transport.push`` (nccl), the KV moves while the router is still waiting for the prefill:
 
@@ -125,7 +127,10 @@ class Worker:
             self.bridge = store_cfg.bridge(engine, wake=lambda: self.loop.submit(lambda e: None))
         self.counters = {"requests": 0, "transfer_failures": 0, "recomputed_prompts": 0,
                          "pulled_chunks": 0, "pulled_bytes": 0, "pull_seconds": 0.0, "transfer_seconds": 0.0,
-                         "reused_chunks": 0, "pushed_chunks": 0, "push_seconds": 0.0, "push_failures": 0}
+                         "reused_chunks": 0, "pushed_chunks": 0, "push_seconds": 0.0, "push_failures": 0,
+                         # decode: requests aborted before the engine took them (their KV not yet
+                         # moved, or still moving: dropped once it lands, its blocks not cached)
+                         "aborted_before_admit": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
         self._snapshot(engine)
         self.loop = EngineLoop(engine, after_step=self._after_step)
@@ -514,20 +519,30 @@ class DecodeWorker(Worker):
         try:
             await self._compile(req)
             ex = self._expected.pop(rid, None)
+            if rid in self._aborted:  # the router's abort overtook this call: move nothing
+                if ex is not None:
+                    await self._drop_expected(rid, ex)
+                await self._release_source(handle)
+                self.counters["aborted_before_admit"] += 1
+                return
             moved = False
             if ex is not None:
                 if handle.pushed:
                     moved = await self._receive(req, handle, ex)
                 else:
                     await self._drop_expected(rid, ex)
-            if not moved and not await self._pull(req, handle):  # fall back: compute the prompt's KV here
+            if not moved and rid not in self._aborted:
+                moved = await self._pull(req, handle)
+            if not moved and rid not in self._aborted:  # fall back: compute the prompt's KV here
                 self.counters["recomputed_prompts"] += 1
                 await self.loop.call(lambda e: e.add_prefilled_request(
                     rid, req.prompt_token_ids, handle.first_token, req.params, None,
                     num_text_emitted=handle.num_text_emitted, generator_state=_gen_state(handle),
                     resumed=list(req.resumed)))
-            if rid in self._aborted:  # the abort came while the KV moved, before the engine had it
-                return                # (_finish aborts it there now, and frees its blocks)
+            if rid in self._aborted:  # the abort came while the KV moved: _admit_moved dropped it
+                if not moved:         # (or it came just after: _finish aborts it in the engine)
+                    self.counters["aborted_before_admit"] += 1  # the transfer failed: nothing to admit
+                return
             async for delta in self._drain(q, rid, self.timeouts["first_token_s"]):
                 yield delta
         finally:
@@ -604,8 +619,15 @@ class DecodeWorker(Worker):
         return pairs
 
     async def _admit_moved(self, req: GenerateRequest, h: KVHandle, block_ids: list[int], to_fill: dict) -> None:
-        """The prompt's KV is in ``block_ids``: let the source's blocks go, admit the request."""
+        """The prompt's KV is in ``block_ids``: let the source's blocks go, admit the request.
+        A request aborted meanwhile is dropped and its new blocks freed, not cached: the router
+        aborts the prefill worker right after this one, which frees (for reuse) the blocks the
+        transfer read, so bytes that landed after the abort are not to be trusted."""
         await self._release_source(h)
+        if req.request_id in self._aborted:
+            self.counters["aborted_before_admit"] += 1
+            await self.loop.call(lambda e: e.free_blocks(block_ids))
+            return
         self.counters["reused_chunks"] += len(h.chunk_keys) - len(to_fill)
         gen = _gen_state(h)
 

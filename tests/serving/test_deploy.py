@@ -118,35 +118,71 @@ def test_failed_transfers_recompute_and_lose_nothing(local_ray, engine, fault):
         pipe.shutdown()
 
 
-def test_a_request_aborted_while_its_kv_moves_is_dropped_when_it_lands(local_ray):
-    """The client goes away after the first token, while the decode worker still pulls the
-    prompt's KV (fake transport, 3 s per transfer). The router's abort reaches the decode worker
-    before the request is in its engine: once the KV lands the request is dropped, not decoded
-    to its 2000 tokens, and every block is free."""
-    from openai import OpenAI
-
+@pytest.fixture(scope="module")
+def slow_kv(local_ray):
+    """A disaggregated deployment whose KV takes 3 s to move (fake transport)."""
     from lmdisagg import Pipeline, Role
     from lmdisagg.config import TransportSettings
     pipe = Pipeline(model="smollm2-135m", prefill=Role(), decode=Role(), kv_cache_bytes=1 << 29,
                     transport=TransportSettings(name="fake", fake={"latency_s": 3.0})).start()
-    try:
-        client = OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=60)
-        stream = client.completions.create(model="smollm2-135m", prompt="Tell me a long story. " * 40,
-                                           max_tokens=2000, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
-        next(iter(stream))  # the first token: the prefill is done, the KV is moving
-        stream.close()
-        d = pipe.worker_stats()["decode-0"]
-        assert d.stats["pulled_chunks"] == 0, "the pull ended before the client left: make it slower"
+    yield pipe
+    pipe.shutdown()
 
-        def all_free():
-            ws = pipe.worker_stats()
-            return all(w.free_blocks == w.total_blocks and w.running == 0 and w.stats["held"] == 0
-                       for w in ws.values()) and ws
-        ws = wait_until(all_free, 15)  # 3 s of pull; decoding 2000 tokens here takes far longer
-        assert ws["decode-0"].stats["pulled_chunks"] > 0 and ws["decode-0"].stats["aborted"] >= 1
-    finally:
-        pipe.shutdown()
+
+def _all_free(pipe):
+    ws = pipe.worker_stats()
+    return all(w.free_blocks == w.total_blocks and w.running == 0 and w.stats["held"] == 0
+               for w in ws.values()) and ws
+
+
+def test_a_request_aborted_while_its_kv_moves_is_dropped_when_it_lands(slow_kv):
+    """The client goes away while the decode worker pulls the prompt's KV. The router aborts the
+    decode worker before the prefill worker, whose abort frees the blocks the pull reads (another
+    prompt may then overwrite them): once the KV lands the request is dropped, not decoded to
+    its 2000 tokens, and its blocks are freed, not cached (their bytes are not trusted)."""
+    from openai import OpenAI
+    pipe = slow_kv
+    before = pipe.worker_stats()["decode-0"].stats
+    client = OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=60)
+    stream = client.completions.create(model="smollm2-135m", prompt="Tell me a long story. " * 100,
+                                       max_tokens=2000, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))  # the first token: the prefill of ~600 tokens (2 whole chunks) is done
+    # the decode worker has claimed blocks for the KV: the pull has begun (it takes 3 s)
+    wait_until(lambda: (d := pipe.worker_stats()["decode-0"]).free_blocks < d.total_blocks, 30, 0.05)
+    stream.close()
+    d = pipe.worker_stats()["decode-0"]
+    assert d.stats["pulled_chunks"] == before["pulled_chunks"], "the pull ended before the client left: make it slower"
+    ws = wait_until(lambda: _all_free(pipe), 15)  # 3 s of pull; decoding 2000 tokens here takes far longer
+    d = ws["decode-0"]
+    assert d.stats["pulled_chunks"] > before["pulled_chunks"], "the pull did not land"
+    assert d.stats["aborted_before_admit"] == before["aborted_before_admit"] + 1
+    assert d.stats["cached_blocks"] == 0, "the dropped pull's blocks were cached"
+    assert d.stats["recomputed_prompts"] == before["recomputed_prompts"]
+
+
+def test_a_decode_call_that_its_abort_overtook_moves_nothing(slow_kv):
+    """The router's abort can reach the decode worker before its decode call does (both are
+    sent at once when the client leaves right after the first token). That call then pulls
+    nothing and computes nothing: it lets the prefill worker's blocks go and ends at once.
+    The calls are the router's, made on the deployment's own actors in that order."""
+    import ray
+
+    from lmdisagg.workers.messages import GenerateRequest
+    pipe = slow_kv
+    prefill, decode = pipe.actors  # prefill-0, decode-0
+    before = pipe.worker_stats()
+    ids = pipe.router.tokenizer.encode("A prompt whose decode call comes late. " * 80)
+    req = GenerateRequest("overtaken-1", ids, SamplingParams(max_tokens=50, ignore_eos=True))
+    res = ray.get(prefill.prefill.remote(req), timeout=120)
+    assert res.handle is not None and pipe.worker_stats()["prefill-0"].stats["held"] == 1
+    ray.get(decode.abort.remote(req.request_id), timeout=30)
+    deltas = [ray.get(ref, timeout=60) for ref in decode.decode.remote(req, res.handle)]
+    assert deltas == []  # no token decoded
+    ws = wait_until(lambda: _all_free(pipe), 15)  # the prefill worker's held blocks are released
+    d, b = ws["decode-0"].stats, before["decode-0"].stats
+    assert d["pulled_chunks"] == b["pulled_chunks"] and d["recomputed_prompts"] == b["recomputed_prompts"]
+    assert d["aborted_before_admit"] == b["aborted_before_admit"] + 1
 
 
 def test_ray_job_submit():
