@@ -14,8 +14,9 @@ cache in serving, made with ``kv_allocator=tx.allocate``; nccl pairs then run re
 NCCL allows, see ``transports/_nccl_mem.py``; runs before 2026-11-28 used ordinary memory
 here). Timed: ``pull`` + ``wait`` of
 ``size // block`` contiguous blocks (the descriptor is made beforehand, not timed). Each size: one
-warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls;
-the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
+warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls
+(``reps``: 512 MiB worth, 5-50; at least 25 on GPUs since 2026-11-29, where runs before took 5-8
+at ≥ 64 MiB and their medians moved by a few hundredths between runs); the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
 ``first_contact_ms``: the very first pull (handshakes, IPC opens, pair groups).
 ``gbps_before_raw_copies``: one pull of the largest size made before this process has made any
 raw copy between two GPUs (absent for the media measured after one). Such a copy has torch
@@ -266,8 +267,11 @@ class Source:
 
 
 # --- timing ------------------------------------------------------------------------------------
+MIN_REPS = 5  # timed runs per size at least (--min-reps; 25 on GPUs, whose runs take µs to ms)
+
+
 def reps_for(nbytes: int) -> int:
-    return max(5, min(50, (512 * MiB) // nbytes))
+    return max(MIN_REPS, min(50, (512 * MiB) // nbytes))
 
 
 def timed_pair(fn, limit_fn, nbytes: int, sync=lambda: None) -> tuple[list[float], list[float]]:
@@ -719,7 +723,12 @@ def main() -> None:
                     help="an option for every medium of that transport, e.g. shm:piece_nbytes=16777216 "
                          "(both sides; repeatable)")
     ap.add_argument("--suffix", default="", help="appended to the result's file name, e.g. --suffix=-pieces16")
+    ap.add_argument("--min-reps", type=int, default=None,
+                    help="timed runs per size at least (default: 25 with --device cuda, else 5; up to 50 "
+                         "for sizes under 512 MiB / 50)")
     args = ap.parse_args()
+    global MIN_REPS
+    MIN_REPS = args.min_reps or (25 if args.device == "cuda" else 5)
     torch.manual_seed(0)
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL bootstrap on loopback
     sizes = [int(s) * MiB for s in args.sizes_mib.split(",")]
@@ -750,7 +759,7 @@ def main() -> None:
     hw = describe(args.device)
     out = {"benchmark": "transport_bw", "hardware": hw, "load_average": os.getloadavg()[0],
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-           "block_bytes": BLOCK, "timed": "pull + wait of contiguous blocks, until wait returns; describe not timed; raw "
+           "block_bytes": BLOCK, "min_reps": MIN_REPS, "timed": "pull + wait of contiguous blocks, until wait returns; describe not timed; raw "
            "copies until a sync of the devices they run on returns; "
            "gbps/limit_gbps: medians; ratio: median of paired runs (transport, then limit); "
            "*_best: fastest run of each; *_sustained: a stream of `pulls` pulls with `depth` in flight vs as "
