@@ -501,8 +501,9 @@ class DecodeWorker(Worker):
         while len(self._aborted) > 4096:
             self._aborted.popitem(last=False)
         ex = self._expected.get(request_id)
-        if ex is not None:
-            await self._drop_expected(request_id, ex)
+        if ex is not None:  # not awaited: the router aborts the prefill worker once this returns,
+            # and the expectation's drain may wait for the pair's earlier pushes (other prompts)
+            asyncio.ensure_future(self._drop_expected(request_id, ex))
         return await super().abort(request_id)
 
     async def shutdown(self) -> None:

@@ -143,7 +143,7 @@ def test_a_request_aborted_while_its_kv_moves_is_dropped_when_it_lands(slow_kv):
     from openai import OpenAI
     pipe = slow_kv
     before = pipe.worker_stats()["decode-0"].stats
-    client = OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=60)
+    client = OpenAI(base_url=pipe.url, api_key="x", max_retries=0, timeout=300)
     stream = client.completions.create(model="smollm2-135m", prompt="Tell me a long story. " * 100,
                                        max_tokens=2000, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})

@@ -2,6 +2,7 @@
 worker pushes it (nccl; gloo on this CPU), through the Python API on a real Ray cluster."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -65,6 +66,24 @@ def test_push_gives_the_same_tokens_and_frees_every_block(local_ray, engine):
         d, p = stats("decode"), stats("prefill")
         assert d["pulled_chunks"] == 0 and d["transfer_failures"] == 0 and d["recomputed_prompts"] == 0
         assert p["push_failures"] == 0 and p["pushed_chunks"] == d["pushed_chunks"]
+
+        # an abort whose expectation must wait its turn behind an earlier one (a pair's pushes land
+        # in order) answers at once: the router aborts the prefill worker only once it has. The
+        # router's calls, made on the deployment's actors; the prefill worker never pushes these
+        import ray
+
+        from lmdisagg.workers.messages import GenerateRequest
+        prefill, decode = pipe.actors
+        source, layout, ns = ray.get(prefill.__ray_call__.remote(lambda w: (
+            w.kv.buffer.desc, tuple(w.engine.layout.__dict__.values()), w.engine.namespace.digest())), timeout=60)
+        reqs = [GenerateRequest(f"unpushed-{i}", engine.encode(f"Prompt {i}, never pushed. " * 20),
+                                SamplingParams(max_tokens=4)) for i in range(2)]
+        for r in reqs:
+            assert ray.get(decode.expect.remote(r, source, layout, ns), timeout=60) is not None
+        t0 = time.monotonic()
+        ray.get(decode.abort.remote(reqs[1].request_id), timeout=60)
+        assert time.monotonic() - t0 < 3, "the abort waited for its expectation's turn"
+        ray.get(decode.abort.remote(reqs[0].request_id), timeout=60)
 
         # nothing stays held or reserved on either side
         wait_until(lambda: all(s.free_blocks == s.total_blocks and s.stats["held"] == 0 and s.running == 0
