@@ -16,7 +16,8 @@ here). Timed: ``pull`` + ``wait`` of
 ``size // block`` contiguous blocks (the descriptor is made beforehand, not timed). Each size: one
 warm-up pull, a verified pull (bytes compared with the pattern the source wrote), then timed pulls
 (``reps``: 512 MiB worth, 5-50; at least 25 on GPUs since 2026-11-29, where runs before took 5-8
-at ≥ 64 MiB and their medians moved by a few hundredths between runs); the median counts. ``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
+at ≥ 64 MiB and their medians moved by a few hundredths between runs); the median counts.
+``fixed_us``: median latency of a one-block 4 KiB pull after first contact;
 ``first_contact_ms``: the very first pull (handshakes, IPC opens, pair groups).
 ``gbps_before_raw_copies``: one pull of the largest size made before this process has made any
 raw copy between two GPUs (absent for the media measured after one). Such a copy has torch
@@ -724,8 +725,8 @@ def main() -> None:
                          "(both sides; repeatable)")
     ap.add_argument("--suffix", default="", help="appended to the result's file name, e.g. --suffix=-pieces16")
     ap.add_argument("--min-reps", type=int, default=None,
-                    help="timed runs per size at least (default: 25 with --device cuda, else 5; up to 50 "
-                         "for sizes under 512 MiB / 50)")
+                    help="timed runs per size at least (default: 25 with --device cuda, else 5); "
+                         "smaller sizes get 512 MiB worth, up to 50")
     args = ap.parse_args()
     global MIN_REPS
     MIN_REPS = args.min_reps or (25 if args.device == "cuda" else 5)
