@@ -60,13 +60,35 @@ def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, seed:
     return model.eval()
 
 
+def _hf_tokenizer(path: Path):
+    """``AutoTokenizer.from_pretrained(path)``, skipping its AutoConfig lookup where the class it
+    picks is known. That lookup imports the model's config module, and with it (transformers 5)
+    torch.distributed.tensor and sympy: ~2.4 s of the ~6.5 s an engine took to start on the 2-core
+    VM, paid by every worker at every (re)start. A Llama model whose tokenizer_config.json names
+    ``TokenizersBackend`` (transformers 5 saves that for a tokenizer.json tokenizer; our model
+    cache is saved so) and no remote code gets that class from AutoTokenizer, as long as
+    transformers maps no tokenizer class of its own to the llama model type; anything else goes
+    through AutoTokenizer."""
+    import transformers
+    try:
+        declared = json.loads((path / "tokenizer_config.json").read_text())
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        declared, model_type = {}, None
+    if (declared.get("tokenizer_class") == "TokenizersBackend" and "auto_map" not in declared
+            and model_type == "llama" and hasattr(transformers, "TokenizersBackend")):
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+        if TOKENIZER_MAPPING_NAMES.get("llama") is None:
+            return transformers.TokenizersBackend.from_pretrained(str(path))
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
 class Tokenizer:
     """The model's own tokenizer and chat template (HF ``tokenizer.json``)."""
 
     def __init__(self, path: Path, cfg: ModelConfig):
-        from transformers import AutoTokenizer
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(path))
+            self.hf = _hf_tokenizer(Path(path))
         except Exception as e:  # noqa: BLE001 - any parse failure means a damaged cache
             raise ModelCacheCorruptError(f"cannot load tokenizer from {path}: {e}") from e
         eos = set(cfg.eos_token_ids)

@@ -220,3 +220,38 @@ def test_min_tokens_holds_stop_strings_back(engine):
     assert 0 <= cut and r.text == base.text[:cut] and r.finish_reason == "stop"
     assert engine.generate(prompt, SamplingParams(max_tokens=30, stop=(stop,)))[0].text == base.text[:base.text.find(stop)]
     assert len(r.text) > base.text.find(stop)  # it went past the first comma
+
+
+def test_the_tokenizer_is_autotokenizers_loaded_without_its_config_lookup(engine):
+    """The engine loads the model's tokenizer without AutoTokenizer's AutoConfig lookup (which
+    imports the model's config module and, through it, torch.distributed.tensor and sympy:
+    seconds at every worker start), and gets what AutoTokenizer gives: class, vocabulary,
+    special tokens, chat template, encodings, decodings, rendered chats."""
+    from transformers import AutoTokenizer
+    path = engine.source.path
+    ours, auto = engine.tokenizer.hf, AutoTokenizer.from_pretrained(str(path))
+    assert type(ours) is type(auto)
+    assert len(ours) == len(auto) and ours.get_vocab() == auto.get_vocab()
+    assert ours.all_special_tokens == auto.all_special_tokens
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (auto.bos_token_id, auto.eos_token_id,
+                                                                        auto.pad_token_id)
+    assert ours.chat_template == auto.chat_template
+    texts = PROMPTS + ["<|im_start|>user\nhi<|im_end|>", "  leading spaces\tand tabs\n\n", "naïve café 🙂 日本語",
+                       "<|endoftext|>x<|im_end|>", ""]
+    for t in texts:
+        ids = ours(t)["input_ids"]
+        assert ids == auto(t)["input_ids"], t
+        assert ours.decode(ids) == auto.decode(ids) and ours.decode(ids, skip_special_tokens=True) == \
+            auto.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And now?"}]
+    for gen in (True, False):
+        assert ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False) == \
+            auto.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
+    code = ("import sys; from pathlib import Path; from lmdisagg.engine.loader import _hf_tokenizer\n"
+            "_hf_tokenizer(Path(sys.argv[1]))\n"
+            "print([m for m in ('transformers.models.llama.configuration_llama', 'torch.distributed.tensor', "
+            "'sympy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
