@@ -63,8 +63,8 @@ def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, seed:
 def _hf_tokenizer(path: Path):
     """``AutoTokenizer.from_pretrained(path)``, skipping its AutoConfig lookup where the class it
     picks is known. That lookup imports the model's config module, and with it (transformers 5)
-    torch.distributed.tensor and sympy: ~2.4 s of the ~6.5 s an engine took to start on the 2-core
-    VM, paid by every worker at every (re)start. A Llama model whose tokenizer_config.json names
+    torch.distributed.tensor and sympy: an engine started in 4.71 s on the 2-core VM that way,
+    3.67 s without (benchmarks/start_bench.py), at every worker (re)start. A Llama model whose tokenizer_config.json names
     ``TokenizersBackend`` (transformers 5 saves that for a tokenizer.json tokenizer; our model
     cache is saved so) and no remote code gets that class from AutoTokenizer, as long as
     transformers maps no tokenizer class of its own to the llama model type; anything else goes

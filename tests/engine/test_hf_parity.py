@@ -224,8 +224,8 @@ def test_min_tokens_holds_stop_strings_back(engine):
 
 def test_the_tokenizer_is_autotokenizers_loaded_without_its_config_lookup(engine):
     """The engine loads the model's tokenizer without AutoTokenizer's AutoConfig lookup (which
-    imports the model's config module and, through it, torch.distributed.tensor and sympy:
-    seconds at every worker start), and gets what AutoTokenizer gives: class, vocabulary,
+    imports the model's config module and, through it, torch.distributed.tensor and sympy: about
+    a second at every worker start), and gets what AutoTokenizer gives: class, vocabulary,
     special tokens, chat template, encodings, decodings, rendered chats."""
     from transformers import AutoTokenizer
     path = engine.source.path
