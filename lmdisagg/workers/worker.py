@@ -5,8 +5,9 @@ Lifecycle of one disaggregated request (numbers match the router's):
     1. PrefillWorker.prefill(req)   admit (prefix cache) → run prompt → first token → hold blocks →
                                     publish them on the transport → PrefillResult(first, KVHandle)
     2. DecodeWorker.decode(req, h)  yield the first token → claim blocks (cached chunks reused) →
-                                    pull the missing chunks + tail → release the prefill blocks →
-                                    decode → yield deltas
+                                    pull the missing chunks + tail → release the prefill blocks
+                                    (had it let them go already, what landed is freed and the
+                                    prompt recomputed) → decode → yield deltas
     3. abort(request_id)            on either side, any time: frees the request's blocks (one
                                     whose KV still moves is dropped once it has landed, its new
                                     blocks freed, not cached: the router aborts the decode side
@@ -130,7 +131,9 @@ class Worker:
                          "reused_chunks": 0, "pushed_chunks": 0, "push_seconds": 0.0, "push_failures": 0,
                          # decode: requests aborted before the engine took them (their KV not yet
                          # moved, or still moving: dropped once it lands, its blocks not cached)
-                         "aborted_before_admit": 0}
+                         "aborted_before_admit": 0,
+                         # decode: KV that landed after its source had let it go (not trusted)
+                         "kv_released_early": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
         self._snapshot(engine)
         self.loop = EngineLoop(engine, after_step=self._after_step)
@@ -526,13 +529,13 @@ class DecodeWorker(Worker):
                 await self._release_source(handle)
                 self.counters["aborted_before_admit"] += 1
                 return
-            moved = False
+            moved: bool | None = False  # None: the KV landed but the source let it go first
             if ex is not None:
                 if handle.pushed:
                     moved = await self._receive(req, handle, ex)
                 else:
                     await self._drop_expected(rid, ex)
-            if not moved and rid not in self._aborted:
+            if moved is False and rid not in self._aborted:
                 moved = await self._pull(req, handle)
             if not moved and rid not in self._aborted:  # fall back: compute the prompt's KV here
                 self.counters["recomputed_prompts"] += 1
@@ -549,8 +552,9 @@ class DecodeWorker(Worker):
         finally:
             await self._finish(rid)
 
-    async def _pull(self, req: GenerateRequest, h: KVHandle) -> bool:
-        """Bring the prompt's KV here and admit the request; False if the transfer failed."""
+    async def _pull(self, req: GenerateRequest, h: KVHandle) -> bool | None:
+        """Bring the prompt's KV here and admit the request; False if the transfer failed, None
+        if the source let its blocks go before the pull ended (see ``_admit_moved``)."""
         e = self.engine
         if h.layout != tuple(e.layout.__dict__.values()) or h.namespace != e.namespace.digest():
             log.error("KV layout/model mismatch between %s and %s; recomputing", h.source_worker, self.worker_id)
@@ -578,12 +582,11 @@ class DecodeWorker(Worker):
             return False
         self.counters["pulled_chunks"] += len(pairs)
         self.counters["pulled_bytes"] += len(pairs) * e.layout.chunk_nbytes
-        await self._admit_moved(req, h, block_ids, to_fill)
-        return True
+        return await self._admit_moved(req, h, block_ids, to_fill)
 
-    async def _receive(self, req: GenerateRequest, h: KVHandle, ex: _Expected) -> bool:
+    async def _receive(self, req: GenerateRequest, h: KVHandle, ex: _Expected) -> bool | None:
         """Wait for the pushed blocks and admit the request; False (blocks freed) if the push
-        failed."""
+        failed, None if the source let its blocks go before it ended (see ``_admit_moved``)."""
         if ex.timer is not None:
             ex.timer.cancel()
         t0 = time.perf_counter()
@@ -596,8 +599,7 @@ class DecodeWorker(Worker):
             return False
         self.counters["push_seconds"] += time.perf_counter() - t0
         self.counters["pushed_chunks"] += len(ex.pairs)
-        await self._admit_moved(req, h, ex.block_ids, ex.to_fill)
-        return True
+        return await self._admit_moved(req, h, ex.block_ids, ex.to_fill)
 
     @staticmethod
     def _claim(e: Engine, keys: list, has_tail: bool) -> tuple[list[int], dict]:
@@ -619,16 +621,27 @@ class DecodeWorker(Worker):
             pairs.append((len(keys), block_ids[-1]))
         return pairs
 
-    async def _admit_moved(self, req: GenerateRequest, h: KVHandle, block_ids: list[int], to_fill: dict) -> None:
+    async def _admit_moved(self, req: GenerateRequest, h: KVHandle, block_ids: list[int],
+                           to_fill: dict) -> bool | None:
         """The prompt's KV is in ``block_ids``: let the source's blocks go, admit the request.
-        A request aborted meanwhile is dropped and its new blocks freed, not cached: the router
-        aborts the prefill worker right after this one, which frees (for reuse) the blocks the
-        transfer read, so bytes that landed after the abort are not to be trusted."""
-        await self._release_source(h)
+        The bytes are trusted only if the source held its blocks until now. Once it frees them
+        (its hold timer, ``hold_s``, or the abort the router sends it right after ours) another
+        prompt may overwrite them while the transfer still reads:
+          - a request aborted meanwhile is dropped (True: nothing more to do);
+          - one whose source answers that it held nothing is not admitted (None: the caller
+            recomputes the prompt, ``kv_released_early``).
+        Either way its new blocks are freed, not cached."""
+        held = await self._release_source(h)
         if req.request_id in self._aborted:
             self.counters["aborted_before_admit"] += 1
             await self.loop.call(lambda e: e.free_blocks(block_ids))
-            return
+            return True
+        if held is False:
+            self.counters["kv_released_early"] += 1
+            log.error("%s let the KV of %s go before it had moved here; recomputing",
+                      h.source_worker, req.request_id)
+            await self.loop.call(lambda e: e.free_blocks(block_ids))
+            return None
         self.counters["reused_chunks"] += len(h.chunk_keys) - len(to_fill)
         gen = _gen_state(h)
 
@@ -642,9 +655,13 @@ class DecodeWorker(Worker):
                 e.free_blocks(block_ids)
                 raise
         await self.loop.call(admit)
+        return True
 
-    async def _release_source(self, h: KVHandle) -> None:
+    async def _release_source(self, h: KVHandle) -> bool | None:
+        """Let the prefill worker's held blocks go: whether it still held them (None: no answer;
+        a source that died mid-transfer fails the transfer itself, and its hold timer frees them)."""
         try:
-            await asyncio.wait_for(h.source_actor.release.remote(h.request_id), 10)
-        except Exception as err:  # noqa: BLE001 - the hold timeout frees it anyway
+            return await asyncio.wait_for(h.source_actor.release.remote(h.request_id), 10)
+        except Exception as err:  # noqa: BLE001
             log.warning("release of %s on %s failed: %s", h.request_id, h.source_worker, err)
+            return None

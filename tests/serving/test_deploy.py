@@ -185,6 +185,37 @@ def test_a_decode_call_that_its_abort_overtook_moves_nothing(slow_kv):
     assert d["aborted_before_admit"] == b["aborted_before_admit"] + 1
 
 
+def test_kv_that_lands_after_its_source_let_it_go_is_recomputed(slow_kv, engine):
+    """The prefill worker's hold on a prompt's blocks ends while the decode worker still pulls
+    them (its hold timer, ``hold_s``, fires for a decode call that came late): another prompt may
+    then overwrite them mid-pull. What lands is not trusted: the decode worker frees it, caches
+    none of it, recomputes the prompt, and the tokens equal one engine's. The release here is
+    the call that timer makes, on the deployment's own prefill actor, mid-pull."""
+    import ray
+
+    from lmdisagg.workers.messages import GenerateRequest
+    pipe = slow_kv
+    prefill, decode = pipe.actors  # prefill-0, decode-0
+    b = pipe.worker_stats()["decode-0"].stats
+    ids = pipe.router.tokenizer.encode("A decode call that came late, after the hold. " * 60)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    req = GenerateRequest("let-go-1", ids, params)
+    res = ray.get(prefill.prefill.remote(req), timeout=120)
+    assert res.handle is not None
+    gen = decode.decode.remote(req, res.handle)
+    # the decode worker has claimed blocks for the KV: the pull has begun (it takes 3 s)
+    wait_until(lambda: (d := pipe.worker_stats()["decode-0"]).free_blocks < d.total_blocks, 30, 0.05)
+    assert ray.get(prefill.release.remote(req.request_id), timeout=30) is True
+    deltas = [ray.get(ref, timeout=120) for ref in gen]
+    got = res.first.token_ids + [t for d in deltas for t in d.token_ids]
+    assert got == engine.generate(ids, params)[0].token_ids
+    d = wait_until(lambda: _all_free(pipe), 15)["decode-0"].stats
+    assert d["pulled_chunks"] > b["pulled_chunks"], "the pull did not land"
+    assert d["recomputed_prompts"] == b["recomputed_prompts"] + 1
+    assert d["kv_released_early"] == b["kv_released_early"] + 1
+    assert d["reused_chunks"] == b["reused_chunks"]  # nothing of what landed was admitted
+
+
 def test_ray_job_submit():
     """A real head on 127.0.0.1 and the README's `ray job submit --working-dir . -- lmdisagg serve`,
     with an API key in the job's environment."""
