@@ -31,6 +31,7 @@ from lmdisagg.router.index import ChunkIndex
 from lmdisagg.router.metrics import RouterMetrics
 from lmdisagg.router.policy import PlacementRequest, WorkerLoad, make_policy
 from lmdisagg.router.tool_parsers import make_parser
+from lmdisagg.workers.background import Background
 from lmdisagg.workers.messages import GenerateRequest, TokenDelta, WorkerInfo, WorkerStats
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Router:
             self.index.add_worker(w.worker_id)
         self.model_name = self.config.router.served_model_name or self.config.model
         self._poller: asyncio.Task | None = None
+        self._aborts = Background(log)  # aborts sent when a request ends early
         self.in_flight = 0
         self._grammars = None  # structured outputs' compiler: a bad constraint is a 400 here, not mid-stream
         self._grammars_lock = threading.Lock()
@@ -109,6 +111,7 @@ class Router:
         self._poller = asyncio.create_task(self._poll_loop())
 
     async def stop(self) -> None:
+        await self._aborts.close(5.0)  # the workers free those requests' blocks
         if self._poller:
             self._poller.cancel()
             try:
@@ -349,7 +352,8 @@ class Router:
                 # (a worker only unreachable for a while gets it too, so it frees the request's blocks).
                 # The decode worker first: once the prefill worker frees its held blocks they may be
                 # reused, so a pull still reading them must already know it is to be dropped
-                asyncio.ensure_future(self._abort(req.request_id, list(involved.values())[::-1]))
+                self._aborts.start(self._abort(req.request_id, list(involved.values())[::-1]),
+                                   f"abort of {req.request_id}")
 
     async def _iter(self, gen, timeout: float, deadline: float):
         while True:

@@ -49,6 +49,7 @@ from lmdisagg.engine.request import RequestOutput
 from lmdisagg.errors import InvalidRequestError, LmdisaggError, TimeoutError_
 from lmdisagg.kv.store.config import StoreConfig
 from lmdisagg.router.events import EventBatcher
+from lmdisagg.workers.background import Background
 from lmdisagg.workers.engine_loop import EngineLoop
 from lmdisagg.workers.kv_transfer import KVTransfer, TransferError
 from lmdisagg.workers.messages import (GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerInfo,
@@ -135,6 +136,7 @@ class Worker:
                          # decode: KV that landed after its source had let it go (not trusted)
                          "kv_released_early": 0}
         self._holds: dict[str, asyncio.TimerHandle] = {}
+        self.background = Background(log)
         self._snapshot(engine)
         self.loop = EngineLoop(engine, after_step=self._after_step)
 
@@ -237,6 +239,10 @@ class Worker:
         return await self.loop.call(lambda e: self._abort(e, request_id))
 
     async def shutdown(self) -> None:
+        for h in self._holds.values():
+            h.cancel()
+        self._holds.clear()
+        await self.background.close(2.0)
         self.loop.stop()
         if self.bridge is not None:
             self.bridge.close()
@@ -322,7 +328,7 @@ class PrefillWorker(Worker):
             return res
         finally:
             if expecting is not None and not pushed:
-                asyncio.ensure_future(self._cancel_expect(decode, req.request_id))
+                self.background.start(self._cancel_expect(decode, req.request_id), f"cancel_expect of {req.request_id}")
 
     async def _cancel_expect(self, decode, rid: str) -> None:
         """The decode worker frees what it holds for a prompt we will not push (the call runs
@@ -354,7 +360,7 @@ class PrefillWorker(Worker):
             log.error("KV push of %s failed to start: %s; the decode worker pulls", rid, err)
             return False
         self.counters["pushed_chunks"] += len(src)
-        asyncio.ensure_future(self._watch_push(rid, job))
+        self.background.start(self._watch_push(rid, job), f"watching the push of {rid}")
         return True
 
     async def _watch_push(self, rid: str, job) -> None:
@@ -398,8 +404,15 @@ class PrefillWorker(Worker):
             raise
         # never hold blocks forever: a decode worker that died never calls release()
         self._holds[req.request_id] = asyncio.get_running_loop().call_later(
-            self.timeouts["hold_s"], lambda: asyncio.ensure_future(self.release(req.request_id)))
+            self.timeouts["hold_s"],
+            lambda: self.background.start(self._hold_expired(req.request_id), f"hold timeout of {req.request_id}"))
         return PrefillResult(first, handle)
+
+    async def _hold_expired(self, request_id: str) -> None:
+        if await self.release(request_id):
+            log.warning("no decode worker released the KV of %s within hold_s=%.0f s; its blocks are freed "
+                        "(a pull still reading them is not trusted: the decode worker recomputes the prompt)",
+                        request_id, self.timeouts["hold_s"])
 
     def _publish(self, e: Engine, req: GenerateRequest, out: RequestOutput) -> KVHandle:
         seq = e.held_request(req.request_id)
@@ -476,7 +489,7 @@ class DecodeWorker(Worker):
             await self._drop_expected(rid, ex)
             return None
         ex.timer = asyncio.get_running_loop().call_later(  # a prefill that never answers
-            self.expect_s, lambda: asyncio.ensure_future(self._drop_expected(rid, ex)))
+            self.expect_s, lambda: self.background.start(self._drop_expected(rid, ex), f"expectation timeout of {rid}"))
         return ex.x.ticket.pack(), [i for i, _ in ex.pairs]
 
     async def cancel_expect(self, request_id: str) -> None:
@@ -506,7 +519,7 @@ class DecodeWorker(Worker):
         ex = self._expected.get(request_id)
         if ex is not None:  # not awaited: the router aborts the prefill worker once this returns,
             # and the expectation's drain may wait for the pair's earlier pushes (other prompts)
-            asyncio.ensure_future(self._drop_expected(request_id, ex))
+            self.background.start(self._drop_expected(request_id, ex), f"abort of the expectation of {request_id}")
         return await super().abort(request_id)
 
     async def shutdown(self) -> None:
