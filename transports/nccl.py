@@ -6,9 +6,12 @@ destination; destinations on the same host connect to its Unix socket instead, w
 each window's request at a fraction of loopback TCP's cost) and a TCPStore for the torch pair
 groups in which it is the source.
 
-A destination's first pull from a source connects to its control server, says hello, and both
-sides build the pair's data plane (rank 0 = source, rank 1 = destination), kept until close or
-until the pair breaks (then the next pull makes a new epoch):
+A destination's first pull from a source connects to its control server, says hello (naming its
+backend, runtime and GPU), and once the source accepts, both sides build the pair's data plane
+(rank 0 = source, rank 1 = destination), kept until close or until the pair breaks (then the
+next pull makes a new epoch). The source refuses a destination that runs another backend or
+runtime, or uses the same GPU (NCCL cannot make a communicator of two ranks on one device:
+workers that share a GPU move KV with cuda_ipc); that pull FAILS at once, saying why.
 
     cupy    NCCL through cupy's bindings (``runtime="auto"`` with cupy installed, or "cupy"): the
             source sends an NCCL unique id on the control connection, both sides make a 2-rank
@@ -107,6 +110,11 @@ def make_pair_group(backend: str, store, rank: int, tx: "NcclTransport"):
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timedelta(seconds=tx.op_timeout_s)
     return dist.ProcessGroupNCCL(store, rank, 2, opts)  # the NCCL communicator is made lazily
+
+
+def gpu_uuid(device: int | None) -> str | None:
+    """The GPU's UUID (one GPU is one UUID in every process), None for CPU buffers."""
+    return None if device is None else str(torch.cuda.get_device_properties(device).uuid)
 
 
 def cupy_nccl():
@@ -617,13 +625,14 @@ class _Link:
         self.ch = Channel.connect(self.host, self.ctl_port, tx.connect_timeout_s, self.local)
         epoch = self.epoch
         self.ch.send({"op": "hello", "agent": tx.agent, "epoch": epoch, "backend": tx.backend,
-                      "runtime": tx.runtime, "kind": self.kind, "registered": tx._registrable()})
+                      "runtime": tx.runtime, "kind": self.kind, "registered": tx._registrable(),
+                      "gpu": gpu_uuid(tx.device)})
+        msg = self.ch.recv(timeout=tx.connect_timeout_s)  # the NCCL id (cupy), or "accept"
+        if msg is None:
+            raise PeerLostError(f"nccl: {self.source} did not answer within {tx.connect_timeout_s}s")
+        if msg.get("op") not in ("nccl_id", "accept"):
+            raise TransferError(f"nccl pair with {self.source} refused: {msg.get('msg')}")
         if tx.runtime == "cupy":
-            msg = self.ch.recv(timeout=tx.connect_timeout_s)
-            if msg is None:
-                raise PeerLostError(f"nccl: {self.source} sent no NCCL id within {tx.connect_timeout_s}s")
-            if msg.get("op") != "nccl_id":
-                raise TransferError(f"nccl pair with {self.source} refused: {msg.get('msg')}")
             # registered only if both ends are: the source says so with the id
             self.plane = _CupyPlane(tx.nccl, msg["id"], 1, tx.device, tx._mem if msg.get("registered") else None)
             log.info("nccl %s pair %s <- %s formed: %s", self.kind, tx.agent, self.source,
@@ -928,6 +937,11 @@ class _Peer:
                 self.ch.send({"op": "error", "tag": -1, "msg": f"the destination runs backend/runtime {theirs}, "
                                                               f"this source {ours}"})
                 return
+            if hello.get("gpu") is not None and hello["gpu"] == gpu_uuid(tx.device):
+                self.ch.send({"op": "error", "tag": -1, "msg": (
+                    f"{hello['agent']} and {tx.agent} both use GPU {hello['gpu']}, and NCCL cannot pair two "
+                    f"processes of one GPU; move KV between workers that share a GPU with cuda_ipc")})
+                return
             if tx.device is not None:
                 torch.cuda.set_device(tx.device)
             if tx.runtime == "cupy":
@@ -940,6 +954,7 @@ class _Peer:
                 log.info("nccl %s pair %s -> %s formed: %s", hello.get("kind", "pull"), tx.agent, hello["agent"],
                          "registered (zero-copy)" if registered else "staged through NCCL's buffers")
             else:
+                self.ch.send({"op": "accept"})
                 pg = make_pair_group(tx.backend, dist.PrefixStore(f"{hello['agent']}/{hello['epoch']}", tx._store),
                                      0, tx)
                 self.plane = _TorchPlane(pg, 1, tx.backend)

@@ -1,7 +1,8 @@
-"""Disaggregated serving on two GPUs: prefill on one, decode on the other, KV moved by cuda_ipc
-(peer copies), nccl (NCCL; pulled, or pushed with ``transport.push``) or shm (staged through host
-memory), deployed through the Python API. Every request returns exactly the
-tokens one engine returns, and the KV came over the transport (no recompute).
+"""Disaggregated serving on two GPUs (prefill on one, decode on the other) and on one GPU that
+both share, deployed through the Python API. The KV moves by cuda_ipc (peer copies), nccl (NCCL;
+pulled, or pushed with ``transport.push``) or shm (staged through host memory). Every request
+returns exactly the tokens one engine returns, and the KV came over the transport (no recompute),
+except over nccl on one GPU, which NCCL cannot pair: there the decode worker recomputes.
 
 The model is the SmolLM2 shape with seeded random weights: the real model cannot be fetched on
 a GPU host without a network. Every worker builds the same weights from the seed, so tokens
@@ -51,6 +52,42 @@ def test_two_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, tra
         assert d[moved] > 0 and d[unused] == 0, d
         assert d["transfer_failures"] == 0 and d["recomputed_prompts"] == 0, d
         for s in stats.values():  # every block back in its pool
+            assert s.free_blocks == s.total_blocks and s.stats["held"] == 0 and s.running == 0
+    finally:
+        pipe.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["cuda_ipc", "shm", "nccl"])
+def test_one_gpu_disaggregated_serving_returns_one_engines_tokens(local_ray, transport):
+    """Prefill and decode actors sharing one GPU (half each, as ``cluster_configs/1gpu.yaml``):
+    cuda_ipc and shm move the KV without loss. nccl cannot pair two processes of one GPU: every
+    pull is refused as the pair forms, and the decode worker recomputes each prompt, so the
+    tokens are still one engine's and every block is freed."""
+    import torch
+    if torch.cuda.device_count() < 1:
+        pytest.skip("needs a GPU")
+    from lmdisagg import Pipeline, Role
+    from lmdisagg.engine import Engine
+    engine = Engine(model=MODEL, **ENGINE)
+    rng = random.Random(transport + "-1gpu")
+    prompts = [[rng.randrange(1000, 40000) for _ in range(n)] for n in (37, 400)]
+    pipe = Pipeline(model=MODEL, prefill=Role(num_gpus=0.5), decode=Role(num_gpus=0.5), transport=transport,
+                    **ENGINE).start()
+    try:
+        def gpu_of_worker(worker):
+            return str(torch.cuda.get_device_properties(worker.engine.kv_buffer.device).uuid)
+        gpus = local_ray.get([a.__ray_call__.remote(gpu_of_worker) for a in pipe.actors])
+        assert len(set(gpus)) == 1, gpus  # both on one GPU
+        for ids in prompts:
+            expected = engine.generate(ids, SamplingParams(max_tokens=16, ignore_eos=True))[0]
+            assert pipe.generate(ids, max_tokens=16, ignore_eos=True).token_ids == expected.token_ids, len(ids)
+        stats = pipe.worker_stats()
+        d = stats["decode-0"].stats
+        if transport == "nccl":
+            assert d["pulled_chunks"] == 0 and d["transfer_failures"] == d["recomputed_prompts"] == len(prompts), d
+        else:
+            assert d["pulled_chunks"] > 0 and d["transfer_failures"] == 0 and d["recomputed_prompts"] == 0, d
+        for s in stats.values():
             assert s.free_blocks == s.total_blocks and s.stats["held"] == 0 and s.running == 0
     finally:
         pipe.shutdown()

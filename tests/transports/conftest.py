@@ -32,6 +32,7 @@ MEDIA = {
     "nccl-cuda": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:1"),   # NCCL through cupy where installed
     "nccl-cuda-torch": ("nccl", {"backend": "nccl", "runtime": "torch"}, "cuda:0", "cuda:1"),
     "shm-cuda": ("shm", {}, "cuda:0", "cuda:0"),
+    "nccl-cuda-1gpu": ("nccl", {"backend": "nccl"}, "cuda:0", "cuda:0"),  # refused: test_nccl_one_gpu.py
 }
 CPU_MEDIA = ["shm", "fake", "nccl-gloo", "mooncake-tcp"]
 GPU_MEDIA = ["cuda_ipc", "cuda_ipc-torch", "cuda_ipc-2gpu", "nccl-cuda", "nccl-cuda-torch", "shm-cuda"]

@@ -1,0 +1,40 @@
+"""nccl between two processes of one GPU: NCCL cannot make a communicator of two ranks on one
+device, so the source refuses the pair as it forms, and the pull or expectation FAILS at once
+with a TransferError that says why and names cuda_ipc (the medium for workers that share a
+GPU), rather than NCCL's own "invalid usage" from deep inside the pair's set-up."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lmdisagg.transports import TransferError, TransferState, create_transport
+from tests.transports.conftest import Peer, gpu, need_devices, side_options
+
+MiB = 1 << 20
+MEDIUM = "nccl-cuda-1gpu"
+
+
+@gpu
+def test_nccl_between_processes_of_one_gpu_is_refused_and_says_why():
+    need_devices("cuda:0")
+    peer = Peer(MEDIUM)
+    local = create_transport("nccl", **side_options(MEDIUM, "cuda:0"))
+    try:
+        bid = peer.call("raw", 4 * MiB, 3)
+        desc, _ = peer.call("describe", bid, [0, 1, 2, 3], MiB, False)
+        dst = local.register(local.allocate((4 * MiB,), torch.uint8, "cuda:0"))
+        for attempt in range(2):  # the next pull makes a new pair, refused the same way
+            t0 = time.monotonic()
+            x = local.pull(desc, dst, [0, 1, 2, 3])
+            with pytest.raises(TransferError, match="cannot pair two processes of one GPU.*cuda_ipc"):
+                x.wait(60)
+            assert x.state is TransferState.FAILED and time.monotonic() - t0 < 10, attempt
+        src = peer.call("bufdesc", bid)
+        e = local.expect(src, dst, [0, 1], MiB)  # a push pair: refused too
+        with pytest.raises(TransferError, match="cannot pair two processes of one GPU"):
+            e.wait(60)
+    finally:
+        local.close()
+        peer.stop()
