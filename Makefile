@@ -22,7 +22,7 @@ model: $(STAMP)
 	$(BIN)/lmdisagg model fetch smollm2-135m
 
 test: model
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 serve: model
 	$(BIN)/lmdisagg serve --config cluster_configs/local-cpu.yaml
