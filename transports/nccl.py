@@ -1194,6 +1194,9 @@ class NcclTransport(Transport):
             if link is None or link.broken is not None:
                 if link is not None:
                     link.stop()
+                    # kept until their threads end (close joins them), not for ever: a source
+                    # that refuses every pair would otherwise add one per pull
+                    self._dead_links = [d for d in self._dead_links if any(t.is_alive() for t in d.threads)]
                     self._dead_links.append(link)
                 link = self._links[key] = _Link(self, source.agent, source.address, kind=kind,
                                                 same_host=source.host == HOSTNAME)
